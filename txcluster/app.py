@@ -1,0 +1,144 @@
+"""
+What a worker serves: the L{Cluster} bundle, and loading it from C{--app}.
+
+Only workers (and the single process of C{--single}) import this module's
+user-facing side; the master never imports the app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any, Awaitable, Callable, List, Optional, Union
+
+import attr
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.web.resource import IResource
+
+#: A hook or job: a plain function, one returning a Deferred, or ``async def``.
+Job = Callable[[], Union[None, Deferred, Awaitable[Any]]]
+
+
+def call_job(job: Job) -> Deferred:
+    """Run a hook or cron job, whatever it returns, as a Deferred."""
+
+    def call() -> Any:
+        result = job()
+        if inspect.isawaitable(result) and not isinstance(result, Deferred):
+            return ensureDeferred(result)
+        return result
+
+    return maybeDeferred(call)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WorkerInfo:
+    """Who this worker is: C{id} is 1..N and stable across respawns."""
+
+    id: int
+    count: int
+    pid: int
+
+    @classmethod
+    def from_environment(cls) -> "WorkerInfo":
+        return cls(
+            id=int(os.environ.get("TXCLUSTER_WORKER_ID", "1")),
+            count=int(os.environ.get("TXCLUSTER_WORKERS", "1")),
+            pid=os.getpid(),
+        )
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CronSpec:
+    """A job that runs every C{seconds} in one worker only."""
+
+    job: Job
+    seconds: float
+    lock: bool = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.job, "__qualname__", repr(self.job))
+
+
+class Cluster:
+    """
+    The app as every worker runs it: a web resource plus cron jobs and
+    startup/shutdown hooks.
+
+    @ivar worker: this process's L{WorkerInfo} (set before hooks run).
+    @ivar redis: the worker's txredisapi connection when C{--redis} is set.
+    """
+
+    def __init__(self, web: Union[Klein, IResource]) -> None:
+        self.web = web
+        self.cron_jobs: List[CronSpec] = []
+        self.startup_hooks: List[Job] = []
+        self.shutdown_hooks: List[Job] = []
+        self.worker: WorkerInfo = WorkerInfo.from_environment()
+        self.redis: Optional[Any] = None
+
+    def resource(self) -> IResource:
+        """The root resource to serve."""
+        if isinstance(self.web, Klein):
+            return self.web.resource()
+        return IResource(self.web)
+
+    def cron(self, seconds: float, lock: bool = False) -> Callable[[Job], Job]:
+        """Decorator: run the job every C{seconds}, in worker 1 only."""
+        if not seconds > 0:
+            raise ValueError(f"cron interval must be positive, not {seconds!r}")
+
+        def register(job: Job) -> Job:
+            self.cron_jobs.append(CronSpec(job, float(seconds), lock))
+            return job
+
+        return register
+
+    def on_startup(self, hook: Job) -> Job:
+        """Decorator: run in every worker before it accepts connections."""
+        self.startup_hooks.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: Job) -> Job:
+        """Decorator: run in every worker after in-flight requests finished."""
+        self.shutdown_hooks.append(hook)
+        return hook
+
+
+class AppLoadError(Exception):
+    """C{--app} does not name something a worker can serve."""
+
+
+def _as_cluster(obj: Any) -> Optional[Cluster]:
+    if isinstance(obj, Cluster):
+        return obj
+    if isinstance(obj, Klein) or IResource.providedBy(obj):
+        return Cluster(obj)
+    return None
+
+
+def load_app(spec: str) -> Cluster:
+    """
+    Import C{module:name} and make a L{Cluster} of it: a Klein app, an
+    C{IResource}, a Cluster, or a zero-argument callable returning one.
+    """
+    module_name, _, attribute = spec.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(f"{spec}: module {module_name!r} has no {attribute!r}")
+    cluster = _as_cluster(obj)
+    if cluster is None and callable(obj):
+        cluster = _as_cluster(obj())
+    if cluster is None:
+        raise AppLoadError(
+            f"{spec}: expected a Klein app, an IResource, a txcluster.Cluster "
+            f"or a factory of one, got {type(obj).__name__}"
+        )
+    return cluster

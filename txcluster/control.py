@@ -1,0 +1,131 @@
+"""
+The control channel between the master and each worker: AMP over a pipe
+pair that the master passes to the worker as extra file descriptors.
+
+The worker reports C{Ready} and sends a C{Heartbeat}; the master tells the
+one worker that should run cron jobs to C{StartCron}.  EOF on the channel
+tells a worker that its master is gone.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Callable, Iterable
+
+from twisted.internet.address import _ProcessAddress
+from twisted.internet.interfaces import IProcessTransport, ITransport
+from twisted.protocols import amp
+from zope.interface import implementer
+
+class ExitStatus(IntEnum):
+    """Exit codes, after gunicorn's."""
+
+    OK = 0
+    CRASH_LOOP = 1  # the master gave up on a crash loop
+    BOOT_ERROR = 3  # a startup hook failed, or the port could not be adopted
+    APP_LOAD_ERROR = 4  # --app could not be imported or is not servable
+
+
+#: File descriptors as the worker sees them.
+LISTEN_FD = 3
+CONTROL_FROM_WORKER = 4  # the worker writes, the master reads
+CONTROL_TO_WORKER = 5  # the master writes, the worker reads
+
+
+class Ready(amp.Command):
+    """Worker -> master: the port is adopted, the app is serving."""
+
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """Worker -> master: the reactor is alive."""
+
+    requiresAnswer = False
+
+
+class StartCron(amp.Command):
+    """Master -> worker: you are worker 1 now; start the cron jobs."""
+
+    requiresAnswer = False
+
+
+@implementer(ITransport)
+class ChildPipeTransport:
+    """Writes to one of a child's pipes, so AMP can run over it."""
+
+    def __init__(self, process: IProcessTransport, fd: int) -> None:
+        self._process = process
+        self._fd = fd
+
+    def write(self, data: bytes) -> None:
+        self._process.writeToChild(self._fd, data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._process.closeChildFD(self._fd)
+
+    def getPeer(self) -> _ProcessAddress:
+        return _ProcessAddress()
+
+    def getHost(self) -> _ProcessAddress:
+        return _ProcessAddress()
+
+
+class _QuietAMP(amp.AMP):
+    """AMP without its connection established/lost log lines: the master
+    logs each worker's start and exit itself."""
+
+    def makeConnection(self, transport: ITransport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+
+
+class MasterSide(_QuietAMP):
+    """The master's end of one worker's channel."""
+
+    def __init__(self, on_ready: Callable[[], None], on_heartbeat: Callable[[], None]):
+        super().__init__()
+        self._on_ready = on_ready
+        self._on_heartbeat = on_heartbeat
+
+    @Ready.responder
+    def ready(self) -> dict:
+        self._on_ready()
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        self._on_heartbeat()
+        return {}
+
+    def start_cron(self) -> None:
+        self.callRemote(StartCron)
+
+
+class WorkerSide(_QuietAMP):
+    """A worker's end of its channel to the master."""
+
+    def __init__(self, on_start_cron: Callable[[], None], on_master_lost: Callable[[], None]):
+        super().__init__()
+        self._on_start_cron = on_start_cron
+        self._on_master_lost = on_master_lost
+
+    @StartCron.responder
+    def start_cron(self) -> dict:
+        self._on_start_cron()
+        return {}
+
+    def report_ready(self) -> None:
+        self.callRemote(Ready)
+
+    def heartbeat(self) -> None:
+        self.callRemote(Heartbeat)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._on_master_lost()

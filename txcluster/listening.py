@@ -1,0 +1,93 @@
+"""
+The listening socket: bound once by the master, adopted by every worker.
+
+The master binds through Twisted's own endpoint parser (so every endpoint
+type works), then stops reading at once: it never accepts.  It also never
+calls C{stopListening} on that port, because a C{listenTCP} port
+C{shutdown()}s its socket, which would refuse connections for every worker
+sharing it; the master's copy is simply closed when the master exits.
+Workers adopt the inherited descriptor with C{adoptStreamPort}, whose ports
+only C{close()} their own copy.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, List
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory, ServerFactory
+
+
+class StartupError(Exception):
+    """Starting failed for a reason a user can fix; the message says which."""
+
+
+class _NeverAccepts(ServerFactory):
+    """The master's factory: its port never reads, so this never builds."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+def describe(port: IListeningPort) -> str:
+    """A human form of a port's address: C{127.0.0.1:8080}, a socket path."""
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+def bind(reactor: Any, description: str) -> IListeningPort:
+    """
+    Bind C{description} without accepting on it.
+
+    @raise StartupError: the address is in use, not permitted, or invalid.
+    """
+    endpoint = serverFromString(reactor, description)
+    outcome: List[Any] = []
+    endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
+    if not outcome:  # pragma: no cover - every supported endpoint is synchronous
+        raise StartupError(f"cannot listen on {description}: endpoint is asynchronous")
+    result = outcome[0]
+    if not IListeningPort.providedBy(result):
+        error = result.value
+        reason = error
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            reason = error.socketError.strerror or error.socketError
+        raise StartupError(f"cannot listen on {description}: {reason}")
+    result.stopReading()
+    return result
+
+
+def adopt(
+    reactor: Any, fd: int, factory: IProtocolFactory, description: str
+) -> IListeningPort:
+    """Serve C{factory} on an inherited listening descriptor."""
+    return reactor.adoptStreamPort(
+        fd, _family_of(fd), _tls_wrapped(reactor, factory, description)
+    )
+
+
+def _family_of(fd: int) -> socket.AddressFamily:
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family
+    finally:
+        probe.detach()
+
+
+def _tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
+    """For C{ssl:} endpoints, wrap the factory in TLS like the endpoint would."""
+    if not description.startswith("ssl:"):
+        return factory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    endpoint = serverFromString(reactor, description)
+    # SSL4ServerEndpoint keeps the context factory it parsed from the
+    # description; it has no public accessor.
+    return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)

@@ -1,0 +1,193 @@
+"""
+The master: bind once, spawn and supervise the workers, turn signals into
+actions, and exit with a status systemd understands.
+
+The master never imports the app and never reads from the listening socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any, Callable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from .listening import bind, describe
+from .options import Settings
+from .supervisor import RestartPolicy, Supervisor
+from .control import ExitStatus
+
+log = Logger(namespace="txcluster.master")
+
+
+def policy_from(settings: Settings) -> RestartPolicy:
+    return RestartPolicy(
+        max_delay=settings.respawn_delay,
+        silence_timeout=settings.timeout,
+        ready_timeout=settings.ready_timeout,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+
+
+def notify_systemd(state: bytes) -> None:
+    """Tell systemd (C{Type=notify}) our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state, address)
+
+
+class BoundService(MultiService):
+    """Binds C{settings.listen} in C{privilegedStartService}, before twistd
+    drops privileges (and, under C{twist}, which has no privileged phase,
+    in C{startService})."""
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.exit_status = ExitStatus.OK
+        self.listening: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        if self.listening is None:
+            self.listening = bind(self.reactor, self.settings.listen)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.listening = bind(self.reactor, self.settings.listen)
+        for warning in self.settings.warnings:
+            log.warn("{warning}", warning=warning)
+        super().startService()
+
+
+class MasterService(BoundService):
+    """Supervise N worker processes sharing the bound port."""
+
+    def __init__(
+        self, reactor: Any, settings: Settings,
+        spawner_factory: Optional[Callable[[int], Any]] = None,
+    ) -> None:
+        super().__init__(reactor, settings)
+        self._spawner_factory = spawner_factory
+        self.supervisor: Optional[Supervisor] = None
+        self._interrupted = False
+
+    def startService(self) -> None:
+        super().startService()
+        assert self.listening is not None
+        log.info("txcluster master (pid {pid}) listening on {address} with {n} workers",
+                 pid=os.getpid(), address=describe(self.listening), n=self.settings.workers)
+        self.supervisor = Supervisor(
+            self.reactor,
+            self._spawner(),
+            self.settings.workers,
+            policy_from(self.settings),
+            on_crash_loop=self._crash_loop,
+            on_all_ready=lambda: notify_systemd(b"READY=1"),
+        )
+        self.supervisor.start()
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _spawner(self) -> Any:
+        fd = self.listening.fileno()
+        if self._spawner_factory is not None:
+            return self._spawner_factory(fd)
+        from .process import WorkerSpawner
+
+        return WorkerSpawner(self.reactor, self.settings, fd)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self.supervisor is None:
+            return succeed(None)
+        log.info("shutting down {n} workers (timeout {s}s)",
+                 n=len(self.supervisor.processes), s=self.settings.shutdown_timeout)
+        notify_systemd(b"STOPPING=1")
+        return self.supervisor.stop().addCallback(
+            lambda _: log.info("all workers stopped; master exiting"))
+
+    def _crash_loop(self) -> None:
+        self.exit_status = ExitStatus.CRASH_LOOP
+        if self.reactor.running:
+            self.reactor.stop()
+
+    # Signals ------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def deferred_to_reactor(action: Callable[[], Any]) -> Callable[[int, Any], None]:
+            return lambda signum, frame: self.reactor.callFromThread(action)
+
+        signal.signal(signal.SIGINT, deferred_to_reactor(self.interrupt))
+        signal.signal(signal.SIGHUP, deferred_to_reactor(self.reload))
+        signal.signal(signal.SIGTTIN, deferred_to_reactor(self.add_worker))
+        signal.signal(signal.SIGTTOU, deferred_to_reactor(self.remove_worker))
+
+    def interrupt(self) -> None:
+        """First SIGINT: graceful shutdown.  Second: stop at once."""
+        if self._interrupted:
+            log.warn("second SIGINT: killing all workers now")
+            self.supervisor.kill_all()
+            return
+        self._interrupted = True
+        log.info("SIGINT: graceful shutdown (again to stop at once)")
+        self.reactor.stop()
+
+    def reload(self) -> Deferred:
+        log.info("SIGHUP: rolling restart")
+        return ensureDeferred(self.supervisor.rolling_restart())
+
+    def add_worker(self) -> None:
+        log.info("SIGTTIN: one worker more")
+        self.supervisor.scale_up()
+
+    def remove_worker(self) -> None:
+        log.info("SIGTTOU: one worker fewer")
+        self.supervisor.scale_down()
+
+
+class SingleProcessService(BoundService):
+    """C{--single}: the app, its hooks and its cron jobs run in this process."""
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        super().__init__(reactor, settings)
+        self.worker: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        assert self.listening is not None
+        log.info("txcluster (pid {pid}) listening on {address}, single process",
+                 pid=os.getpid(), address=describe(self.listening))
+        from .app import WorkerInfo
+        from .listening import adopt
+        from .worker import WorkerService
+
+        fd = self.listening.fileno()
+        self.worker = WorkerService(
+            self.reactor, self.settings, WorkerInfo(id=1, count=1, pid=os.getpid()),
+            listen=lambda site: adopt(self.reactor, fd, site, self.settings.listen),
+            on_ready=self._ready,
+        )
+        self.worker.started.addErrback(self._start_failed)
+        self.worker.setServiceParent(self)
+
+    def _ready(self) -> None:
+        log.info("ready")
+        self.worker.start_cron()
+        notify_systemd(b"READY=1")
+
+    def _start_failed(self, failure: Any) -> None:
+        self.exit_status = self.worker.exit_status
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)

@@ -1,0 +1,384 @@
+"""
+Command-line options, environment, ``--config`` INI file and ``.env`` file.
+
+Every setting is declared once in L{SETTINGS}; the command line, the
+environment, the config file and the help text are all derived from that
+table.  Precedence: command line, then environment, then config file, then
+default.  A bad value on the command line or in the config file is a usage
+error; a bad value in the environment is one warning and is otherwise
+ignored.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
+
+import attr
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+DEFAULT_APP = "txcluster.demo:cluster"
+
+
+class BadValue(ValueError):
+    """A setting's value does not parse; the message says what was expected."""
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (respects taskset/cgroups)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# --- value parsers: text -> value, or BadValue -------------------------------
+
+
+def parse_workers(text: str) -> Optional[int]:
+    """A positive worker count, or C{None} for C{auto} (usable CPUs)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise BadValue("expected a positive integer or 'auto'") from None
+    if count < 1:
+        raise BadValue("expected a positive integer or 'auto'")
+    return count
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise BadValue("expected a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise BadValue("expected a non-negative number of seconds")
+    return seconds
+
+
+def parse_positive_seconds(text: str) -> float:
+    seconds = parse_seconds(text)
+    if seconds <= 0:
+        raise BadValue("expected a positive number of seconds")
+    return seconds
+
+
+def parse_endpoint(text: str) -> str:
+    """A Twisted server endpoint description, checked by Twisted's parser."""
+    try:
+        # Parsing only: no endpoint built here is ever listened on, so no
+        # reactor is needed (and importing one would pre-empt twistd -r).
+        serverFromString(None, text)
+    except Exception as e:
+        raise BadValue(f"not a server endpoint ({e})") from None
+    return text
+
+
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+def parse_app(text: str) -> str:
+    """C{module:name}; only its shape is checked, the master never imports it."""
+    if not re.fullmatch(f"{_DOTTED}:{_DOTTED}", text):
+        raise BadValue("expected MODULE:NAME, e.g. myapp.web:cluster")
+    return text
+
+
+def parse_redis_url(text: str) -> str:
+    if not re.match(r"(redis|unix)://", text):
+        raise BadValue("expected a redis:// or unix:// URL")
+    return text
+
+
+def parse_path(text: str) -> str:
+    if not text:
+        raise BadValue("expected a path")
+    return text
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise BadValue("expected true/false, 1/0, yes/no or on/off")
+
+
+def parse_clustering_enabled(text: str) -> bool:
+    """C{CLUSTERING_ENABLED=false} means single-process mode."""
+    return not parse_bool(text)
+
+
+def parse_port(text: str) -> str:
+    """C{PORT=8000} means C{tcp:8000}."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise BadValue("expected a TCP port number") from None
+    if not 0 <= port <= 65535:
+        raise BadValue("expected a TCP port number")
+    return f"tcp:{port}"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Setting:
+    """One option: how it is spelled on each layer and how it parses."""
+
+    name: str
+    doc: str
+    default: Any = None
+    parse: Callable[[str], Any] = parse_path
+    short: Optional[str] = None
+    flag: bool = False
+    metavar: Optional[str] = None
+    # (variable, parser) pairs, the first one set wins.
+    env: Sequence[tuple[str, Callable[[str], Any]]] = ()
+    in_config_file: bool = True
+
+    @property
+    def attribute(self) -> str:
+        return self.name.replace("-", "_")
+
+
+SETTINGS: Sequence[Setting] = (
+    Setting(
+        "listen", "Server endpoint to listen on (tcp:, tcp6:, unix:, ssl:, systemd:).",
+        default="tcp:8080", parse=parse_endpoint, short="l", metavar="ENDPOINT",
+        env=(("TXCLUSTER_LISTEN", parse_endpoint), ("PORT", parse_port)),
+    ),
+    Setting(
+        "workers", "Number of worker processes; 'auto' means usable CPUs.",
+        default=None, parse=parse_workers, short="w", metavar="N",
+        env=(("WEB_CONCURRENCY", parse_workers),),
+    ),
+    Setting(
+        "single", "One process, no workers: the app runs in the master.",
+        default=False, parse=parse_bool, flag=True,
+        env=(("CLUSTERING_ENABLED", parse_clustering_enabled),),
+    ),
+    Setting(
+        "app", "What every worker serves: MODULE:NAME of a Klein app, IResource, "
+        "Cluster, or a factory of one.",
+        default=DEFAULT_APP, parse=parse_app, short="a", metavar="MODULE:NAME",
+        env=(("TXCLUSTER_APP", parse_app),),
+    ),
+    Setting(
+        "redis", "Redis URL; each worker opens its own connection.",
+        parse=parse_redis_url, metavar="URL", env=(("REDIS_URL", parse_redis_url),),
+    ),
+    Setting(
+        "shutdown-timeout", "Seconds in-flight requests get to finish on shutdown.",
+        default=30.0, parse=parse_seconds, metavar="S",
+        env=(("TXCLUSTER_SHUTDOWN_TIMEOUT", parse_seconds),),
+    ),
+    Setting(
+        "timeout", "Seconds a worker may stay silent (no heartbeat) before it is "
+        "killed and replaced.",
+        default=30.0, parse=parse_positive_seconds, metavar="S",
+        env=(("TXCLUSTER_TIMEOUT", parse_positive_seconds),),
+    ),
+    Setting(
+        "ready-timeout", "Seconds a new worker gets to report ready during a "
+        "rolling restart.",
+        default=30.0, parse=parse_positive_seconds, metavar="S",
+        env=(("TXCLUSTER_READY_TIMEOUT", parse_positive_seconds),),
+    ),
+    Setting(
+        "respawn-delay", "Longest pause between fast respawns (back-off doubles "
+        "from 0.1 s up to this).",
+        default=2.0, parse=parse_seconds, metavar="S",
+        env=(("TXCLUSTER_RESPAWN_DELAY", parse_seconds),),
+    ),
+    Setting(
+        "access-log", "Combined-format access log file; '-' means the main log.",
+        parse=parse_path, metavar="PATH", env=(("TXCLUSTER_ACCESS_LOG", parse_path),),
+    ),
+    Setting(
+        "config", "INI file with a [txcluster] section; keys are long option names.",
+        parse=parse_path, short="c", metavar="FILE",
+        env=(("TXCLUSTER_CONFIG", parse_path),), in_config_file=False,
+    ),
+    Setting(
+        "env-file", "dotenv file loaded into the environment first.",
+        parse=parse_path, metavar="FILE", in_config_file=False,
+    ),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class Settings:
+    """The resolved configuration the master and the workers run with."""
+
+    listen: str = "tcp:8080"
+    workers: int = 1
+    single: bool = False
+    app: str = DEFAULT_APP
+    redis: Optional[str] = None
+    shutdown_timeout: float = 30.0
+    timeout: float = 30.0
+    ready_timeout: float = 30.0
+    respawn_delay: float = 2.0
+    access_log: Optional[str] = None
+    config: Optional[str] = None
+    env_file: Optional[str] = None
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """How the master hands its settings to a worker."""
+        return json.dumps(attr.asdict(self, filter=lambda a, v: a.name != "warnings"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
+
+
+#: The environment variable that carries L{Settings} to a worker process.
+SETTINGS_VARIABLE = "TXCLUSTER_SETTINGS"
+
+
+def _config_file_values(path: str) -> dict[str, str]:
+    """The C{[txcluster]} section of an INI file, keys checked."""
+    parser = configparser.ConfigParser()
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise usage.UsageError(f"--config {path}: cannot read ({e.strerror})")
+    except configparser.Error as e:
+        first_line = str(e).splitlines()[0]
+        raise usage.UsageError(f"--config {path}: not an INI file ({first_line})")
+    if not parser.has_section("txcluster"):
+        raise usage.UsageError(f"--config {path}: no [txcluster] section")
+    values = {}
+    for key, value in parser.items("txcluster"):
+        name = key.replace("_", "-")
+        setting = _BY_NAME.get(name)
+        if setting is None or not setting.in_config_file:
+            raise usage.UsageError(f"--config {path}: unknown key {key!r}")
+        values[name] = value
+    return values
+
+
+def _load_env_file(path: str, environ: MutableMapping[str, str]) -> None:
+    """Load a dotenv file; variables already in the environment win."""
+    from dotenv import dotenv_values
+
+    if not os.path.isfile(path):
+        raise usage.UsageError(f"--env-file {path}: no such file")
+    for key, value in dotenv_values(path).items():
+        if value is not None:
+            environ.setdefault(key, value)
+
+
+def resolve(
+    command_line: Mapping[str, Any],
+    environ: MutableMapping[str, str],
+    cpu_count: Callable[[], int] = usable_cpus,
+) -> Settings:
+    """
+    Merge the layers into L{Settings}.
+
+    @param command_line: values given on the command line, by setting name,
+        already parsed; absent or C{None} means not given.
+    @param environ: the environment; C{--env-file} is loaded into it.
+    """
+    warnings: list[str] = []
+
+    env_file = command_line.get("env-file")
+    if env_file:
+        _load_env_file(env_file, environ)
+
+    config_path = command_line.get("config") or environ.get("TXCLUSTER_CONFIG") or None
+    config_values = _config_file_values(config_path) if config_path else {}
+
+    def from_config_file(setting: Setting) -> Any:
+        text = config_values.get(setting.name)
+        if text is None:
+            return None
+        try:
+            return setting.parse(text)
+        except BadValue as e:
+            raise usage.UsageError(
+                f"--config {config_path}: {setting.name} = {text!r}: {e}"
+            ) from None
+
+    def from_environment(setting: Setting) -> Any:
+        for variable, parse in setting.env:
+            text = environ.get(variable)
+            if not text:
+                continue
+            try:
+                return parse(text)
+            except BadValue as e:
+                fallback = "config file" if setting.name in config_values else "default"
+                warnings.append(f"ignoring {variable}={text!r}: {e}; using the {fallback}")
+                return None
+        return None
+
+    resolved: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = command_line.get(setting.name)
+        if value is None:
+            value = from_environment(setting)
+        if value is None:
+            value = from_config_file(setting)
+        if value is None:
+            value = setting.default
+        resolved[setting.attribute] = value
+
+    if resolved["workers"] is None:
+        resolved["workers"] = cpu_count()
+    resolved["config"] = config_path
+    return Settings(warnings=tuple(warnings), **resolved)
+
+
+class ClusterOptions(usage.Options):
+    """C{twistd txcluster} options."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Bind ENDPOINT once and serve the app from N worker processes. "
+        "Each option may also come from the environment or a --config file; "
+        "see README.rst."
+    )
+
+    optFlags = [[s.name, s.short, s.doc] for s in SETTINGS if s.flag]
+    optParameters = [[s.name, s.short, None, s.doc] for s in SETTINGS if not s.flag]
+
+    def __init__(
+        self,
+        environ: Optional[MutableMapping[str, str]] = None,
+        cpu_count: Callable[[], int] = usable_cpus,
+    ) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        self._cpu_count = cpu_count
+        self.settings: Optional[Settings] = None
+
+    def postOptions(self) -> None:
+        given: dict[str, Any] = {}
+        for setting in SETTINGS:
+            value = self[setting.name]
+            if setting.flag:
+                given[setting.name] = bool(value) or None
+                continue
+            if value is None:
+                continue
+            try:
+                given[setting.name] = setting.parse(value)
+            except BadValue as e:
+                raise usage.UsageError(f"--{setting.name} {value!r}: {e}") from None
+        self.settings = resolve(given, self._environ, self._cpu_count)

@@ -1,0 +1,121 @@
+"""
+Real worker processes: spawned with C{reactor.spawnProcess}, given the
+listening socket and a control channel as extra file descriptors, their
+output re-logged under their worker id.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List, Mapping
+
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from .control import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport, MasterSide
+from .logs import LineSplitter, OutputTail
+from .options import SETTINGS_VARIABLE, Settings
+from .supervisor import ExitInfo, Worker
+
+log = Logger(namespace="txcluster.master")
+
+
+class WorkerProcessProtocol(ProcessProtocol):
+    """The master's view of one worker process."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.pid: int = 0
+        self._tail = OutputTail()
+        self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat)
+        self._output = {
+            1: LineSplitter(self._stdout_line),
+            2: LineSplitter(self._stderr_line),
+        }
+
+    # ProcessHandle, for the supervisor ----------------------------------------
+
+    def signal(self, signum: int) -> None:
+        try:
+            self.transport.signalProcess(signum)
+        except ProcessExitedAlready:
+            pass
+
+    def start_cron(self) -> None:
+        self._control.start_cron()
+
+    def output_tail(self) -> List[str]:
+        return self._tail.lines()
+
+    # ProcessProtocol ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+        self._control.makeConnection(ChildPipeTransport(self.transport, CONTROL_TO_WORKER))
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == CONTROL_FROM_WORKER:
+            self._control.dataReceived(data)
+        elif childFD in self._output:
+            self._output[childFD].feed(data)
+
+    def processEnded(self, reason: Any) -> None:
+        for splitter in self._output.values():
+            splitter.flush()
+        self.worker.exited(ExitInfo(status=reason.value.exitCode, signal=reason.value.signal))
+
+    def _stdout_line(self, line: str) -> None:
+        self._tail.append(line)
+        log.info("{line}", line=line, log_system=f"worker {self.worker.id}")
+
+    def _stderr_line(self, line: str) -> None:
+        self._tail.append(line)
+        log.error("{line}", line=line, log_system=f"worker {self.worker.id}")
+
+
+class WorkerSpawner:
+    """Spawn worker processes that share one listening descriptor."""
+
+    def __init__(
+        self, reactor: Any, settings: Settings, listen_fd: int,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self._reactor = reactor
+        self._settings = settings
+        self._listen_fd = listen_fd
+        self._environ = environ
+
+    def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
+        protocol = WorkerProcessProtocol(worker)
+        self._reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-m", "txcluster.worker"],
+            env=self.environment(worker.id, count),
+            # `python -m` puts this directory first on sys.path, so --app
+            # imports the way it would for the user who started twistd.
+            path=os.getcwd(),
+            childFDs={
+                0: "w",
+                1: "r",
+                2: "r",
+                LISTEN_FD: self._listen_fd,
+                CONTROL_FROM_WORKER: "r",
+                CONTROL_TO_WORKER: "w",
+            },
+        )
+        return protocol
+
+    def environment(self, worker_id: int, count: int) -> Dict[str, str]:
+        env = dict(self._environ)
+        env.update(
+            TXCLUSTER_WORKER_ID=str(worker_id),
+            TXCLUSTER_WORKERS=str(count),
+            TXCLUSTER_MASTER_PID=str(os.getpid()),
+            PYTHONUNBUFFERED="1",
+        )
+        env[SETTINGS_VARIABLE] = self._settings.to_json()
+        return env

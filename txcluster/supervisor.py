@@ -1,0 +1,393 @@
+"""
+Worker supervision: which worker ids exist, which process serves each, and
+what happens when one starts, goes silent, exits, or is replaced.
+
+This is pure bookkeeping over an injected clock and an injected C{spawn}
+function, so every rule (respawn, fast-crash counting, back-off, rolling
+order, timeout kill, scaling) is tested with L{twisted.internet.task.Clock}
+and fake processes.  L{txcluster.process} supplies the real processes.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable, Dict, List, Optional, Protocol
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger(namespace="txcluster.master")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RestartPolicy:
+    """When to respawn, when to give up, and how long to wait."""
+
+    #: a worker that dies sooner than this after starting crashed fast
+    fast_crash_seconds: float = 5.0
+    #: back-off after the first fast crash; it doubles up to max_delay
+    min_delay: float = 0.1
+    max_delay: float = 2.0
+    #: a worker silent this long (no heartbeat) is killed and replaced
+    silence_timeout: float = 30.0
+    #: how long a new worker gets to become ready during a rolling restart
+    ready_timeout: float = 30.0
+    #: in-flight requests get this long on shutdown ...
+    shutdown_timeout: float = 30.0
+    #: ... and the worker this much more for its shutdown hooks, then SIGKILL
+    kill_grace: float = 2.0
+
+    def respawn_delay(self, fast_crashes: int) -> float:
+        if fast_crashes == 0:
+            return 0.0
+        return min(self.max_delay, self.min_delay * 2 ** (fast_crashes - 1))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ExitInfo:
+    """How a process ended: an exit status or a signal number."""
+
+    status: Optional[int] = None
+    signal: Optional[int] = None
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by signal {self.signal} ({name})"
+        return f"exited with status {self.status}"
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor needs of a running worker process."""
+
+    pid: int
+
+    def signal(self, signum: int) -> None: ...
+
+    def start_cron(self) -> None: ...
+
+    def output_tail(self) -> List[str]: ...
+
+
+class Worker:
+    """One worker process, as the supervisor tracks it.
+
+    The process side calls L{ready}, L{heartbeat} and L{exited}.
+    """
+
+    def __init__(self, supervisor: "Supervisor", worker_id: int, now: float) -> None:
+        self.id = worker_id
+        self.started_at = now
+        self.last_heard = now
+        self.is_ready = False
+        self.retiring = False
+        self.runs_cron = False
+        self.exit: Optional[ExitInfo] = None
+        self.process: Optional[ProcessHandle] = None
+        self._supervisor = supervisor
+        self._ready_waiters: List[Deferred] = []
+        self._exit_waiters: List[Deferred] = []
+
+    def __repr__(self) -> str:
+        return f"worker {self.id} (pid {self.pid})"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.exit is None
+
+    # Called by the process side.
+
+    def ready(self) -> None:
+        if self.is_ready or not self.alive:
+            return
+        self.is_ready = True
+        self.last_heard = self._supervisor.clock.seconds()
+        for waiter in self._take(self._ready_waiters):
+            waiter.callback(self)
+        self._supervisor.worker_ready(self)
+
+    def heartbeat(self) -> None:
+        self.last_heard = self._supervisor.clock.seconds()
+
+    def exited(self, info: ExitInfo) -> None:
+        self.exit = info
+        self._supervisor.worker_exited(self)
+        for waiter in self._take(self._ready_waiters):
+            waiter.errback(WorkerDied(f"{self!r} {info} before it was ready"))
+        for waiter in self._take(self._exit_waiters):
+            waiter.callback(info)
+
+    # Used by the supervisor.
+
+    def when_ready(self) -> Deferred:
+        if self.is_ready:
+            return succeed(self)
+        if not self.alive:
+            return fail(WorkerDied(f"{self!r} {self.exit}"))
+        waiter: Deferred = Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def when_exited(self) -> Deferred:
+        if not self.alive:
+            return succeed(self.exit)
+        waiter: Deferred = Deferred()
+        self._exit_waiters.append(waiter)
+        return waiter
+
+    def signal(self, signum: int) -> None:
+        if self.alive and self.process is not None:
+            self.process.signal(signum)
+
+    @staticmethod
+    def _take(waiters: List[Deferred]) -> List[Deferred]:
+        taken = list(waiters)
+        waiters.clear()
+        return taken
+
+
+class WorkerDied(Exception):
+    """A worker exited before it became ready."""
+
+
+#: spawn(worker, count) starts the process for C{worker} and returns it.
+Spawn = Callable[[Worker, int], ProcessHandle]
+
+
+class Supervisor:
+    """
+    Keep one live, ready process per worker id.
+
+    @ivar slots: the current process of each worker id (None between a
+        crash and its respawn).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        spawn: Spawn,
+        count: int,
+        policy: RestartPolicy = RestartPolicy(),
+        on_crash_loop: Callable[[], None] = lambda: None,
+        on_all_ready: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.slots: Dict[int, Optional[Worker]] = {}
+        self.processes: List[Worker] = []  # every live process, incl. retiring
+        self.fast_crashes = 0
+        self.stopping = False
+        self.reloading = False
+        self.announced_ready = False
+        self._count = count
+        self._spawn = spawn
+        self._on_crash_loop = on_crash_loop
+        self._on_all_ready = on_all_ready
+        self._respawns: Dict[int, IDelayedCall] = {}
+        self._watchdog = LoopingCall(self._check_silence)
+        self._watchdog.clock = clock
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
+
+    def start(self) -> None:
+        for worker_id in range(1, self._count + 1):
+            self.slots[worker_id] = self._start_process(worker_id)
+        self._watchdog.start(max(0.05, min(1.0, self.policy.silence_timeout / 5)), now=False)
+
+    # Process lifecycle --------------------------------------------------------
+
+    def _start_process(self, worker_id: int) -> Worker:
+        worker = Worker(self, worker_id, self.clock.seconds())
+        self.processes.append(worker)
+        worker.process = self._spawn(worker, len(set(self.slots) | {worker_id}))
+        log.info("worker {id} (pid {pid}) started", id=worker_id, pid=worker.pid)
+        return worker
+
+    def worker_ready(self, worker: Worker) -> None:
+        log.info("worker {id} (pid {pid}) ready", id=worker.id, pid=worker.pid)
+        self._assign_cron()
+        if not self.announced_ready and self._all_ready():
+            self.announced_ready = True
+            log.info("all {count} workers ready", count=self.count)
+            self._on_all_ready()
+
+    def _all_ready(self) -> bool:
+        return all(w is not None and w.is_ready for w in self.slots.values())
+
+    def worker_exited(self, worker: Worker) -> None:
+        self.processes.remove(worker)
+        uptime = self.clock.seconds() - worker.started_at
+        log.info("worker {id} (pid {pid}) {exit} after {uptime:.1f}s",
+                 id=worker.id, pid=worker.pid, exit=worker.exit, uptime=uptime)
+        if self.slots.get(worker.id) is not worker or self.stopping:
+            self._assign_cron()  # a retired worker 1 may have handed over cron
+            return
+        self.slots[worker.id] = None
+        if uptime < self.policy.fast_crash_seconds:
+            self.fast_crashes += 1
+        else:
+            self.fast_crashes = 0
+        if self.fast_crashes >= max(1, self.count):
+            self._crash_loop(worker)
+            return
+        delay = self.policy.respawn_delay(self.fast_crashes)
+        log.info("respawning worker {id} in {delay:.1f}s", id=worker.id, delay=delay)
+        self._respawns[worker.id] = self.clock.callLater(delay, self._respawn, worker.id)
+
+    def _respawn(self, worker_id: int) -> None:
+        del self._respawns[worker_id]
+        if not self.stopping and worker_id in self.slots:
+            self.slots[worker_id] = self._start_process(worker_id)
+
+    def _crash_loop(self, last: Worker) -> None:
+        log.critical(
+            "crash loop: {n} workers in a row died within {s:.0f}s of starting; "
+            "giving up", n=self.fast_crashes, s=self.policy.fast_crash_seconds)
+        tail = last.process.output_tail() if last.process is not None else []
+        for line in tail:
+            log.error("{worker!r} last output: {line}", worker=last, line=line)
+        self._on_crash_loop()
+
+    def _assign_cron(self) -> None:
+        """Worker 1 runs cron once it is ready and no older worker 1 lives."""
+        first = self.slots.get(1)
+        if first is None or not first.is_ready or first.runs_cron or self.stopping:
+            return
+        if any(w.id == 1 and w is not first for w in self.processes):
+            return
+        first.runs_cron = True
+        if first.process is not None:
+            first.process.start_cron()
+
+    def _check_silence(self) -> None:
+        now = self.clock.seconds()
+        for worker in list(self.processes):
+            silent = now - worker.last_heard
+            if worker.alive and not worker.retiring and silent > self.policy.silence_timeout:
+                log.warn("{worker!r} silent for {silent:.1f}s (timeout {timeout}s); killing it",
+                         worker=worker, silent=silent, timeout=self.policy.silence_timeout)
+                worker.last_heard = now  # one kill per timeout
+                worker.signal(signal.SIGKILL)
+
+    # Stopping -----------------------------------------------------------------
+
+    def stop(self) -> Deferred:
+        """Stop every worker gracefully; kill what is left after the timeout."""
+        self.stopping = True
+        if self._watchdog.running:
+            self._watchdog.stop()
+        for call in self._respawns.values():
+            call.cancel()
+        self._respawns.clear()
+        return DeferredList([self._retire(worker) for worker in list(self.processes)])
+
+    def kill_all(self) -> None:
+        """Stop at once (a second SIGINT)."""
+        self.stopping = True
+        for worker in list(self.processes):
+            worker.signal(signal.SIGKILL)
+
+    def _retire(self, worker: Worker) -> Deferred:
+        """SIGTERM, then SIGKILL if it outlives the shutdown timeout."""
+        worker.retiring = True
+        exited = worker.when_exited()
+        if not worker.alive:
+            return exited
+        worker.signal(signal.SIGTERM)
+        deadline = self.policy.shutdown_timeout + self.policy.kill_grace
+
+        def kill() -> None:
+            log.warn("{worker!r} still running {deadline:.0f}s after SIGTERM; killing it",
+                     worker=worker, deadline=deadline)
+            worker.signal(signal.SIGKILL)
+
+        call = self.clock.callLater(deadline, kill)
+        exited.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return exited
+
+    # Rolling restart and scaling ------------------------------------------------
+
+    async def rolling_restart(self) -> bool:
+        """Replace each worker in turn, new one ready before the old one
+        stops; stop at the first that fails.  True if all were replaced."""
+        if self.reloading or self.stopping:
+            log.info("rolling restart already in progress; ignored")
+            return False
+        self.reloading = True
+        log.info("rolling restart of {count} workers", count=self.count)
+        try:
+            for worker_id in sorted(self.slots):
+                if not await self._replace(worker_id):
+                    return False
+            log.info("rolling restart done")
+            return True
+        finally:
+            self.reloading = False
+
+    async def _replace(self, worker_id: int) -> bool:
+        old = self.slots.get(worker_id)
+        if old is None or self.stopping:
+            return not self.stopping
+        # Until it is ready the new process is not the slot's: its death
+        # respawns nothing and fails only this step.
+        new = self._start_process(worker_id)
+
+        def too_slow() -> None:
+            log.error("{new!r} not ready after {s}s; killing it", new=new,
+                      s=self.policy.ready_timeout)
+            new.signal(signal.SIGKILL)
+
+        timeout = self.clock.callLater(self.policy.ready_timeout, too_slow)
+        try:
+            await new.when_ready()
+        except WorkerDied as e:
+            log.error("rolling restart stopped: {reason}; keeping {old!r}",
+                      reason=e, old=old)
+            for line in new.process.output_tail() if new.process else []:
+                log.error("{worker!r} last output: {line}", worker=new, line=line)
+            return False
+        finally:
+            if timeout.active():
+                timeout.cancel()
+        if self.stopping or self.slots.get(worker_id) is not old:
+            # the old one died meanwhile (and was respawned) or we are stopping
+            await self._retire(new)
+            return not self.stopping
+        self.slots[worker_id] = new
+        await self._retire(old)
+        self._assign_cron()
+        return True
+
+    def scale_up(self) -> int:
+        """Add a worker with the lowest free id; return the id."""
+        worker_id = next(i for i in range(1, self.count + 2) if i not in self.slots)
+        log.info("adding worker {id}", id=worker_id)
+        self.slots[worker_id] = self._start_process(worker_id)
+        return worker_id
+
+    def scale_down(self) -> Optional[int]:
+        """Retire the highest worker id (never the last one)."""
+        if self.count <= 1:
+            log.info("not removing the last worker")
+            return None
+        worker_id = max(self.slots)
+        worker = self.slots.pop(worker_id)
+        pending = self._respawns.pop(worker_id, None)
+        if pending is not None:
+            pending.cancel()
+        log.info("removing worker {id}", id=worker_id)
+        if worker is not None:
+            self._retire(worker)
+        return worker_id

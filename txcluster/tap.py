@@ -1,0 +1,67 @@
+"""
+The twistd/twist plugin's entry points: L{Options} and L{makeService}.
+
+Two process-level concerns live here because only the program's entry
+point may own them: a startup error (such as an address in use) prints one
+line instead of a traceback, and the master's exit status (1 after a crash
+loop) survives twistd, which otherwise always exits 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.application.service import IService
+
+from .listening import StartupError
+from .options import ClusterOptions as Options  # noqa: F401 (twistd looks it up)
+from .options import Settings
+
+__all__ = ["Options", "makeService", "build_service"]
+
+
+def build_service(settings: Settings, reactor: Any) -> IService:
+    """The master, or with C{--single} the one serving process."""
+    from .master import MasterService, SingleProcessService
+
+    if settings.single:
+        return SingleProcessService(reactor, settings)
+    return MasterService(reactor, settings)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    service = build_service(options.settings, reactor)
+    _report_startup_errors_in_one_line()
+    atexit.register(_exit_with_status_of, service)
+    return service
+
+
+def _report_startup_errors_in_one_line() -> None:
+    previous = sys.excepthook
+
+    def hook(kind: type, error: BaseException, traceback: Optional[Any]) -> None:
+        if issubclass(kind, StartupError):
+            # twistd has redirected sys.stderr into the log by now.
+            sys.__stderr__.write(f"txcluster: {error}\n")
+            sys.__stderr__.flush()
+        else:
+            previous(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
+def _exit_with_status_of(service: Any) -> None:
+    """Runs at interpreter exit, after twistd has removed its pidfile."""
+    status = int(getattr(service, "exit_status", 0))
+    if status:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)

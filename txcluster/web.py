@@ -1,0 +1,122 @@
+"""
+The HTTP side of a worker: a L{Site} that can drain.
+
+Draining means: close idle keep-alive connections now, answer every request
+already in flight with C{Connection: close}, and report when the last
+connection is gone.  The listening port is stopped separately (before the
+drain) by the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Set
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+log = Logger(namespace="txcluster.access")
+
+
+class DrainableChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that stops keeping alive once its site drains."""
+
+    site: "ClusterSite"
+
+    def checkPersistence(self, request, version) -> bool:
+        if self.site.draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self.site.channel_closed(self)
+
+    def close_when_idle(self) -> None:
+        """Close now if idle, else after the response in flight."""
+        if not self.requests:
+            self.transport.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+class ClusterSite(Site):
+    """
+    A L{Site} that tracks its connections so it can drain them, and writes
+    an access log only when asked to.
+
+    @param access_log: C{None} for no access log, C{"-"} for the main log,
+        else a file path.  Each line is written in one C{write(2)} to a file
+        opened with C{O_APPEND}, so workers can share one file.
+    """
+
+    protocol = DrainableChannel
+    noisy = False
+
+    def __init__(
+        self, resource: IResource, reactor: IReactorTime,
+        access_log: Optional[str] = None,
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.draining = False
+        self.channels: Set[DrainableChannel] = set()
+        self._drained: Optional[Deferred] = None
+        self._access_log = access_log
+        self._access_fd: Optional[int] = None
+
+    def buildProtocol(self, addr) -> DrainableChannel:
+        channel = super().buildProtocol(addr)
+        channel.site = self
+        self.channels.add(channel)
+        return channel
+
+    def channel_closed(self, channel: DrainableChannel) -> None:
+        self.channels.discard(channel)
+        if self._drained is not None and not self.channels:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def drain(self) -> Deferred:
+        """Stop keeping alive; fires when the last connection has closed."""
+        self.draining = True
+        if not self.channels:
+            return succeed(None)
+        self._drained = Deferred()
+        for channel in list(self.channels):
+            channel.close_when_idle()
+        return self._drained
+
+    def abort(self) -> None:
+        """Drop every connection still open (the drain took too long)."""
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
+
+    # Access log -------------------------------------------------------------
+
+    def startFactory(self) -> None:
+        if self._access_log not in (None, "-"):
+            self._access_fd = os.open(
+                self._access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+            )
+
+    def stopFactory(self) -> None:
+        if self._access_fd is not None:
+            os.close(self._access_fd)
+            self._access_fd = None
+
+    def log(self, request) -> None:
+        if self._access_log is None:
+            return
+        line = http.combinedLogFormatter(http.datetimeToLogString(), request)
+        if self._access_fd is None:
+            log.info("{line}", line=line)
+        else:
+            os.write(self._access_fd, (line + "\n").encode("utf-8"))

@@ -1,0 +1,222 @@
+"""
+A worker: load the app, connect, run startup hooks, adopt the port, serve;
+and on shutdown stop cron, stop listening, drain, run shutdown hooks,
+disconnect.
+
+L{WorkerService} is that sequence, with the reactor and the port injected,
+so C{--single} runs it in the master's own process.  L{main} is the worker
+process spawned by the master: C{python -m txcluster.worker}.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .app import Cluster, WorkerInfo, call_job, load_app
+from .cron import CronService
+from .control import ExitStatus
+from .options import Settings
+from .web import ClusterSite
+
+log = Logger(namespace="txcluster.worker")
+
+#: How the worker gets its listening port: given the site, return the port.
+Listen = Callable[[IProtocolFactory], IListeningPort]
+
+#: How long an orphaned worker (its master is gone) lets requests finish.
+ORPHAN_DRAIN_SECONDS = 1.0
+
+class WorkerService(Service):
+    """Serve the app in this process, start to finish."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: Settings,
+        info: WorkerInfo,
+        listen: Listen,
+        on_ready: Callable[[], None] = lambda: None,
+        load: Callable[[str], Cluster] = load_app,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.info = info
+        self._listen = listen
+        self._on_ready = on_ready
+        self._load = load
+        self.cluster: Optional[Cluster] = None
+        self.site: Optional[ClusterSite] = None
+        self.port: Optional[IListeningPort] = None
+        self.cron: Optional[CronService] = None
+        self.drain_seconds = settings.shutdown_timeout
+        self.exit_status = ExitStatus.OK
+        self.started: Deferred = Deferred()
+
+    # Start -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        ensureDeferred(self._start()).chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        try:
+            self.cluster = self._load(self.settings.app)
+        except BaseException:
+            self.exit_status = ExitStatus.APP_LOAD_ERROR
+            log.failure("cannot load app {app}", app=self.settings.app)
+            raise
+        try:
+            await self._boot(self.cluster)
+        except BaseException:
+            self.exit_status = ExitStatus.BOOT_ERROR
+            log.failure("worker {id} failed to start", id=self.info.id)
+            raise
+        log.info("worker {id} (pid {pid}) serving {app}", id=self.info.id,
+                 pid=self.info.pid, app=self.settings.app)
+        self._on_ready()
+
+    async def _boot(self, cluster: Cluster) -> None:
+        cluster.worker = self.info
+        self.cron = CronService(cluster.cron_jobs, self.reactor)
+        for hook in cluster.startup_hooks:
+            await call_job(hook)
+        self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log)
+        self.port = self._listen(self.site)
+
+    def start_cron(self) -> None:
+        """Run this app's cron jobs here (worker 1, or the single process)."""
+        if self.cron is not None and self.running:
+            self.cron.start()
+
+    # Stop --------------------------------------------------------------------
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.cron is not None:
+            await self.cron.stop()
+        if self.port is not None:
+            await self.port.stopListening()
+        if self.site is not None:
+            await self._drain(self.site)
+        if self.cluster is not None and self.started.called:
+            for hook in self.cluster.shutdown_hooks:
+                try:
+                    await call_job(hook)
+                except Exception:
+                    log.failure("shutdown hook {hook} failed", hook=hook)
+
+    async def _drain(self, site: ClusterSite) -> None:
+        """Let in-flight requests finish, up to C{drain_seconds}."""
+        drained = site.drain()
+        if drained.called:
+            return
+        deadline = self.reactor.callLater(self.drain_seconds, drained.cancel)
+        try:
+            await drained
+        except Exception:
+            log.warn("{count} connections still open after {seconds}s; closing them",
+                     count=len(site.channels), seconds=self.drain_seconds)
+            site.abort()
+        else:
+            deadline.cancel()
+
+
+# The worker process --------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the master dies (EOF on the control
+    channel is the portable signal; this one also reaches a busy worker)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def main() -> None:
+    """Entry point of a worker process; the master sets up fds and env."""
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    from .control import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerSide
+    from .options import SETTINGS_VARIABLE
+    from .logs import start_worker_logging
+
+    _die_with_parent()
+    master_pid = int(os.environ["TXCLUSTER_MASTER_PID"])
+    start_worker_logging(sys.stdout)
+    settings = Settings.from_json(os.environ[SETTINGS_VARIABLE])
+    info = WorkerInfo.from_environment()
+
+    def listen(factory: IProtocolFactory) -> IListeningPort:
+        from .listening import adopt
+
+        port = adopt(reactor, LISTEN_FD, factory, settings.listen)
+        os.close(LISTEN_FD)  # adoptStreamPort made its own copy
+        return port
+
+    def master_lost() -> None:
+        if reactor.running and not stopping:
+            log.warn("master (pid {pid}) is gone; shutting down", pid=master_pid)
+            reactor.stop()
+
+    control = WorkerSide(on_start_cron=lambda: service.start_cron(),
+                         on_master_lost=master_lost)
+    service = WorkerService(reactor, settings, info, listen,
+                            on_ready=control.report_ready)
+    StandardIO(control, stdin=CONTROL_TO_WORKER, stdout=CONTROL_FROM_WORKER,
+               reactor=reactor)
+    heartbeat = LoopingCall(control.heartbeat)
+    heartbeat.clock = reactor
+    stopping = False
+
+    def on_shutdown() -> Deferred:
+        nonlocal stopping
+        stopping = True
+        if heartbeat.running:
+            heartbeat.stop()
+        if os.getppid() != master_pid:
+            service.drain_seconds = min(service.drain_seconds, ORPHAN_DRAIN_SECONDS)
+        return service.stopService()
+
+    def on_start_failed(failure: Any) -> None:
+        if reactor.running:
+            reactor.stop()
+
+    def start() -> None:
+        # Ctrl-C in a terminal reaches the whole process group; the master
+        # decides what happens to workers, so they ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        heartbeat.start(heartbeat_interval(settings.timeout))
+        service.startService()
+        service.started.addErrback(on_start_failed)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    reactor.run()
+    sys.exit(int(service.exit_status))
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Beat often enough that one late beat never looks like a hang."""
+    return max(0.05, min(1.0, timeout / 5))
+
+
+if __name__ == "__main__":
+    main()
