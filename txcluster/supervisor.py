@@ -199,7 +199,8 @@ class Supervisor:
 
     @property
     def count(self) -> int:
-        return len(self.slots)
+        """How many workers there should be."""
+        return self._count
 
     def start(self) -> None:
         for worker_id in range(1, self._count + 1):
@@ -211,7 +212,7 @@ class Supervisor:
     def _start_process(self, worker_id: int) -> Worker:
         worker = Worker(self, worker_id, self.clock.seconds())
         self.processes.append(worker)
-        worker.process = self._spawn(worker, len(set(self.slots) | {worker_id}))
+        worker.process = self._spawn(worker, self._count)
         log.info("worker {id} (pid {pid}) started", id=worker_id, pid=worker.pid)
         return worker
 
@@ -374,6 +375,7 @@ class Supervisor:
         """Add a worker with the lowest free id; return the id."""
         worker_id = next(i for i in range(1, self.count + 2) if i not in self.slots)
         log.info("adding worker {id}", id=worker_id)
+        self._count += 1
         self.slots[worker_id] = self._start_process(worker_id)
         return worker_id
 
@@ -384,6 +386,7 @@ class Supervisor:
             return None
         worker_id = max(self.slots)
         worker = self.slots.pop(worker_id)
+        self._count -= 1
         pending = self._respawns.pop(worker_id, None)
         if pending is not None:
             pending.cancel()

@@ -1,0 +1,211 @@
+"""Options: every layer, the precedence between them, and bad values."""
+
+import os
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from txcluster.options import ClusterOptions, Settings
+
+
+def parse(argv=(), environ=None, cpus=3):
+    options = ClusterOptions(environ={} if environ is None else environ,
+                             cpu_count=lambda: cpus)
+    options.parseOptions(list(argv))
+    return options.settings
+
+
+class DefaultsTests(unittest.TestCase):
+    def test_defaults(self):
+        settings = parse()
+        self.assertEqual(settings.listen, "tcp:8080")
+        self.assertEqual(settings.workers, 3)
+        self.assertFalse(settings.single)
+        self.assertEqual(settings.app, "txcluster.demo:cluster")
+        self.assertIsNone(settings.redis)
+        self.assertEqual(settings.shutdown_timeout, 30.0)
+        self.assertIsNone(settings.access_log)
+        self.assertEqual(settings.warnings, ())
+
+    def test_workers_auto_means_usable_cpus(self):
+        self.assertEqual(parse(["--workers", "auto"], cpus=5).workers, 5)
+        self.assertEqual(parse(["-w", "AUTO"], cpus=7).workers, 7)
+
+    def test_default_cpu_count_is_the_affinity_mask(self):
+        options = ClusterOptions(environ={})
+        options.parseOptions([])
+        self.assertEqual(options.settings.workers, len(os.sched_getaffinity(0)))
+
+    def test_short_options(self):
+        settings = parse(["-l", "tcp:9000", "-w", "2", "-a", "pkg.mod:app"])
+        self.assertEqual((settings.listen, settings.workers, settings.app),
+                         ("tcp:9000", 2, "pkg.mod:app"))
+
+
+class CommandLineErrorTests(unittest.TestCase):
+    def assertUsageError(self, argv, *fragments):
+        error = self.assertRaises(usage.UsageError, parse, argv)
+        message = str(error)
+        self.assertNotIn("\n", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+
+    def test_bad_worker_counts(self):
+        for value in ["0", "-3", "abc", "1.5", ""]:
+            self.assertUsageError(["--workers", value], "--workers", repr(value))
+
+    def test_malformed_endpoint(self):
+        self.assertUsageError(["--listen", "tcp:notaport"], "--listen", "tcp:notaport")
+        self.assertUsageError(["--listen", "carrier-pigeon:1"], "--listen", "carrier-pigeon")
+
+    def test_bad_app(self):
+        self.assertUsageError(["--app", "no-colon"], "--app", "no-colon")
+
+    def test_bad_timeout(self):
+        self.assertUsageError(["--shutdown-timeout", "-1"], "--shutdown-timeout", "-1")
+        self.assertUsageError(["--shutdown-timeout", "soon"], "--shutdown-timeout")
+
+    def test_bad_redis_url(self):
+        self.assertUsageError(["--redis", "localhost:6379"], "--redis", "localhost:6379")
+
+    def test_unknown_option(self):
+        self.assertRaises(usage.UsageError, parse, ["--wrokers", "2"])
+
+
+class EnvironmentTests(unittest.TestCase):
+    def test_web_concurrency(self):
+        self.assertEqual(parse(environ={"WEB_CONCURRENCY": "5"}).workers, 5)
+
+    def test_bad_web_concurrency_warns_and_uses_default(self):
+        for value in ["-1", "abc", "0"]:
+            settings = parse(environ={"WEB_CONCURRENCY": value}, cpus=2)
+            self.assertEqual(settings.workers, 2)
+            self.assertEqual(len(settings.warnings), 1)
+            self.assertIn("WEB_CONCURRENCY", settings.warnings[0])
+            self.assertIn(repr(value), settings.warnings[0])
+
+    def test_clustering_enabled(self):
+        for value in ["false", "0", "no", "off", "FALSE"]:
+            self.assertTrue(parse(environ={"CLUSTERING_ENABLED": value}).single, value)
+        for value in ["true", "1", "yes", "on"]:
+            self.assertFalse(parse(environ={"CLUSTERING_ENABLED": value}).single, value)
+
+    def test_bad_clustering_enabled_warns(self):
+        settings = parse(environ={"CLUSTERING_ENABLED": "maybe"})
+        self.assertFalse(settings.single)
+        self.assertIn("CLUSTERING_ENABLED", settings.warnings[0])
+
+    def test_port_means_tcp_port(self):
+        self.assertEqual(parse(environ={"PORT": "5000"}).listen, "tcp:5000")
+
+    def test_txcluster_listen_beats_port(self):
+        settings = parse(environ={"PORT": "5000", "TXCLUSTER_LISTEN": "tcp:6000"})
+        self.assertEqual(settings.listen, "tcp:6000")
+
+    def test_bad_port_warns(self):
+        settings = parse(environ={"PORT": "http"})
+        self.assertEqual(settings.listen, "tcp:8080")
+        self.assertIn("PORT", settings.warnings[0])
+
+    def test_other_variables(self):
+        settings = parse(environ={
+            "TXCLUSTER_APP": "a.b:c", "REDIS_URL": "redis://localhost:6379/2",
+            "TXCLUSTER_SHUTDOWN_TIMEOUT": "7.5", "TXCLUSTER_ACCESS_LOG": "-",
+        })
+        self.assertEqual(settings.app, "a.b:c")
+        self.assertEqual(settings.redis, "redis://localhost:6379/2")
+        self.assertEqual(settings.shutdown_timeout, 7.5)
+        self.assertEqual(settings.access_log, "-")
+
+    def test_command_line_beats_environment(self):
+        settings = parse(["--workers", "4"], environ={"WEB_CONCURRENCY": "9"})
+        self.assertEqual(settings.workers, 4)
+
+    def test_single_flag_beats_clustering_enabled(self):
+        self.assertTrue(parse(["--single"], environ={"CLUSTERING_ENABLED": "true"}).single)
+
+
+class ConfigFileTests(unittest.TestCase):
+    def write(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_values(self):
+        path = self.write("[txcluster]\nworkers = 6\nshutdown-timeout = 3\n"
+                          "single = yes\naccess_log = /tmp/access.log\n")
+        settings = parse(["--config", path])
+        self.assertEqual(settings.workers, 6)
+        self.assertEqual(settings.shutdown_timeout, 3.0)
+        self.assertTrue(settings.single)
+        self.assertEqual(settings.access_log, "/tmp/access.log")
+        self.assertEqual(settings.config, path)
+
+    def test_config_from_environment(self):
+        path = self.write("[txcluster]\nworkers = 6\n")
+        self.assertEqual(parse(environ={"TXCLUSTER_CONFIG": path}).workers, 6)
+
+    def test_precedence(self):
+        path = self.write("[txcluster]\nworkers = 6\nlisten = tcp:7000\napp = from.config:app\n")
+        settings = parse(["--config", path, "--workers", "2"],
+                         environ={"TXCLUSTER_LISTEN": "tcp:7100"})
+        self.assertEqual(settings.workers, 2)  # command line
+        self.assertEqual(settings.listen, "tcp:7100")  # environment
+        self.assertEqual(settings.app, "from.config:app")  # config file
+        self.assertEqual(settings.shutdown_timeout, 30.0)  # default
+
+    def test_bad_environment_falls_back_to_config_file(self):
+        path = self.write("[txcluster]\nworkers = 6\n")
+        settings = parse(["--config", path], environ={"WEB_CONCURRENCY": "lots"})
+        self.assertEqual(settings.workers, 6)
+        self.assertIn("WEB_CONCURRENCY", settings.warnings[0])
+
+    def test_unknown_key(self):
+        path = self.write("[txcluster]\nwrokers = 6\n")
+        error = self.assertRaises(usage.UsageError, parse, ["--config", path])
+        self.assertIn("wrokers", str(error))
+        self.assertIn(path, str(error))
+
+    def test_bad_value_names_key_and_value(self):
+        path = self.write("[txcluster]\nworkers = -3\n")
+        error = self.assertRaises(usage.UsageError, parse, ["--config", path])
+        self.assertIn("workers", str(error))
+        self.assertIn("'-3'", str(error))
+
+    def test_missing_file_and_missing_section(self):
+        self.assertRaises(usage.UsageError, parse, ["--config", "/no/such/file.ini"])
+        path = self.write("[other]\nworkers = 2\n")
+        self.assertRaises(usage.UsageError, parse, ["--config", path])
+        path = self.write("workers = 2\n")
+        self.assertRaises(usage.UsageError, parse, ["--config", path])
+
+    def test_shipped_twistd_conf_is_valid(self):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        settings = parse(["--config", os.path.join(here, "twistd.conf")])
+        self.assertEqual(settings.app, "txcluster.demo:cluster")
+
+
+class EnvFileTests(unittest.TestCase):
+    def test_loaded_into_environment_which_wins(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("WEB_CONCURRENCY=5\nexport PORT=9100\nAPP_SECRET='s3 cret'\n")
+        environ = {"PORT": "9200"}
+        settings = parse(["--env-file", path], environ=environ)
+        self.assertEqual(settings.workers, 5)
+        self.assertEqual(settings.listen, "tcp:9200")
+        self.assertEqual(environ["APP_SECRET"], "s3 cret")
+
+    def test_missing_env_file(self):
+        error = self.assertRaises(usage.UsageError, parse, ["--env-file", "/no/.env"])
+        self.assertIn("/no/.env", str(error))
+
+
+class SettingsTests(unittest.TestCase):
+    def test_json_round_trip(self):
+        settings = Settings(workers=3, redis="redis://x", warnings=("w",))
+        copy = Settings.from_json(settings.to_json())
+        self.assertEqual(copy.workers, 3)
+        self.assertEqual(copy.redis, "redis://x")
+        self.assertEqual(copy.warnings, ())

@@ -1,0 +1,292 @@
+"""The master's state machine, with fake processes and a fake clock."""
+
+import signal
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from txcluster.supervisor import ExitInfo, RestartPolicy, Supervisor
+
+
+class FakeProcess:
+    """What spawn returns in these tests: records what it was asked."""
+
+    next_pid = 1000
+
+    def __init__(self, worker, count):
+        FakeProcess.next_pid += 1
+        self.pid = FakeProcess.next_pid
+        self.worker = worker
+        self.count = count
+        self.signals = []
+        self.cron_started = 0
+
+    def signal(self, signum):
+        self.signals.append(signum)
+
+    def start_cron(self):
+        self.cron_started += 1
+
+    def output_tail(self):
+        return [f"Traceback of {self.pid}", "ImportError: no module named nope"]
+
+
+class Harness:
+    def __init__(self, count=2, **policy):
+        self.clock = Clock()
+        self.spawned = []
+        self.crash_loops = 0
+        self.all_ready = 0
+
+        def spawn(worker, count):
+            process = FakeProcess(worker, count)
+            self.spawned.append(process)
+            return process
+
+        self.supervisor = Supervisor(
+            self.clock, spawn, count, RestartPolicy(**policy),
+            on_crash_loop=self._crash_loop, on_all_ready=self._all_ready,
+        )
+
+    def _crash_loop(self):
+        self.crash_loops += 1
+
+    def _all_ready(self):
+        self.all_ready += 1
+
+    def current(self, worker_id):
+        return self.supervisor.slots[worker_id]
+
+    def start_all_ready(self):
+        self.supervisor.start()
+        for worker in list(self.supervisor.processes):
+            worker.ready()
+
+    def die(self, worker_id, status=1, after=0.0):
+        self.clock.advance(after)
+        worker = self.current(worker_id)
+        worker.exited(ExitInfo(status=status))
+        return worker
+
+
+class StartTests(unittest.TestCase):
+    def test_spawns_ids_one_to_n(self):
+        h = Harness(count=3)
+        h.supervisor.start()
+        self.assertEqual([p.worker.id for p in h.spawned], [1, 2, 3])
+        self.assertEqual([p.count for p in h.spawned], [3, 3, 3])
+
+    def test_all_ready_once(self):
+        h = Harness(count=2)
+        h.supervisor.start()
+        h.current(1).ready()
+        self.assertEqual(h.all_ready, 0)
+        h.current(2).ready()
+        self.assertEqual(h.all_ready, 1)
+        h.die(2, after=10)
+        h.clock.advance(0)
+        h.current(2).ready()
+        self.assertEqual(h.all_ready, 1)
+
+    def test_cron_goes_to_worker_one_when_ready(self):
+        h = Harness(count=2)
+        h.supervisor.start()
+        h.current(2).ready()
+        self.assertEqual([p.cron_started for p in h.spawned], [0, 0])
+        h.current(1).ready()
+        self.assertEqual([p.cron_started for p in h.spawned], [1, 0])
+
+
+class RespawnTests(unittest.TestCase):
+    def test_crash_respawns_same_id(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        old = h.die(2, after=10)
+        h.clock.advance(0)
+        new = h.current(2)
+        self.assertIsNot(new, old)
+        self.assertEqual(new.id, 2)
+        self.assertEqual(len(h.spawned), 3)
+        self.assertEqual(h.supervisor.fast_crashes, 0)
+
+    def test_killed_by_signal_respawns(self):
+        h = Harness(count=1)
+        h.start_all_ready()
+        h.clock.advance(10)
+        h.current(1).exited(ExitInfo(signal=signal.SIGKILL))
+        h.clock.advance(0)
+        self.assertEqual(len(h.spawned), 2)
+
+    def test_fast_crashes_back_off(self):
+        # Binary fractions, so that Clock's float arithmetic is exact.
+        h = Harness(count=4, min_delay=0.25, max_delay=0.75)
+        h.start_all_ready()
+        for spawns, delay in [(5, 0.25), (6, 0.5), (7, 0.75)]:  # doubles, capped
+            h.die(1, after=1)
+            h.clock.advance(delay - 0.125)
+            self.assertEqual(len(h.spawned), spawns - 1)
+            h.clock.advance(0.125)
+            self.assertEqual(len(h.spawned), spawns)
+
+    def test_crash_loop_after_n_fast_crashes_in_a_row(self):
+        h = Harness(count=3, min_delay=0, max_delay=0)
+        h.supervisor.start()
+        for expected_spawns in (4, 5):
+            h.die(1, after=0.5)
+            h.clock.advance(0)
+            self.assertEqual(len(h.spawned), expected_spawns)
+            self.assertEqual(h.crash_loops, 0)
+        h.die(1, after=0.5)
+        h.clock.advance(10)
+        self.assertEqual(h.crash_loops, 1)
+        self.assertEqual(len(h.spawned), 5)  # no respawn after giving up
+
+    def test_long_lived_worker_resets_the_count(self):
+        h = Harness(count=2, min_delay=0, max_delay=0)
+        h.supervisor.start()
+        h.die(1, after=1)
+        h.clock.advance(0)
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+        h.die(2, after=6)  # lived 7s
+        self.assertEqual(h.supervisor.fast_crashes, 0)
+        h.clock.advance(0)
+        h.die(2, after=1)  # the respawned worker 2 lived 1s
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+        self.assertEqual(h.crash_loops, 0)
+
+    def test_no_respawn_while_stopping(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        h.supervisor.stop()
+        h.die(1, status=0, after=1)
+        h.clock.advance(60)
+        self.assertEqual(len(h.spawned), 2)
+
+    def test_pending_respawn_cancelled_by_stop(self):
+        h = Harness(count=2, min_delay=1, max_delay=1)
+        h.start_all_ready()
+        h.die(1, after=1)
+        h.supervisor.stop()
+        h.clock.advance(60)
+        self.assertEqual(len(h.spawned), 2)
+
+
+class StopTests(unittest.TestCase):
+    def test_sigterm_then_sigkill_after_timeout(self):
+        h = Harness(count=2, shutdown_timeout=10, kill_grace=2)
+        h.start_all_ready()
+        stopped = h.supervisor.stop()
+        self.assertEqual([p.signals for p in h.spawned],
+                         [[signal.SIGTERM], [signal.SIGTERM]])
+        h.die(1, status=0, after=5)
+        self.assertNoResult(stopped)
+        h.clock.advance(6.9)
+        self.assertEqual(h.spawned[1].signals, [signal.SIGTERM])
+        h.clock.advance(0.1)
+        self.assertEqual(h.spawned[1].signals, [signal.SIGTERM, signal.SIGKILL])
+        h.current(2).exited(ExitInfo(signal=signal.SIGKILL))
+        self.successResultOf(stopped)
+
+    def test_kill_all(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        h.supervisor.stop()
+        h.supervisor.kill_all()
+        self.assertEqual([p.signals[-1] for p in h.spawned], [signal.SIGKILL] * 2)
+
+    def test_stop_with_no_workers(self):
+        h = Harness(count=1)
+        self.successResultOf(h.supervisor.stop())
+
+
+class SilenceTests(unittest.TestCase):
+    def test_silent_worker_is_killed_and_replaced(self):
+        h = Harness(count=2, silence_timeout=5)
+        h.start_all_ready()
+        for _ in range(8):
+            h.clock.advance(1)
+            h.current(1).heartbeat()
+        self.assertEqual(h.spawned[0].signals, [])
+        self.assertEqual(h.spawned[1].signals, [signal.SIGKILL])
+        h.current(2).exited(ExitInfo(signal=signal.SIGKILL))
+        h.clock.advance(0)
+        self.assertEqual(len(h.spawned), 3)
+        self.assertEqual(h.current(2).pid, h.spawned[2].pid)
+
+
+class RollingRestartTests(unittest.TestCase):
+    def test_one_at_a_time_new_ready_before_old_stops(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        old1, old2 = h.current(1), h.current(2)
+        done = ensureDeferred(h.supervisor.rolling_restart())
+        self.assertEqual(len(h.spawned), 3)  # only worker 1's replacement
+        new1 = h.spawned[2].worker
+        self.assertEqual(new1.id, 1)
+        self.assertEqual(old1.process.signals, [])  # old keeps serving
+        new1.ready()
+        self.assertEqual(old1.process.signals, [signal.SIGTERM])
+        self.assertIs(h.current(1), new1)
+        self.assertEqual(new1.process.cron_started, 0)  # old still runs cron
+        self.assertEqual(len(h.spawned), 3)  # worker 2 waits its turn
+        old1.exited(ExitInfo(status=0))
+        self.assertEqual(new1.process.cron_started, 1)
+        self.assertEqual(len(h.spawned), 4)
+        new2 = h.spawned[3].worker
+        new2.ready()
+        old2.exited(ExitInfo(status=0))
+        self.assertTrue(self.successResultOf(done))
+        self.assertEqual(h.supervisor.slots, {1: new1, 2: new2})
+        self.assertEqual(len(h.spawned), 4)  # retired workers are not respawned
+
+    def test_new_worker_dies_keeps_old_and_stops(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        old1 = h.current(1)
+        done = ensureDeferred(h.supervisor.rolling_restart())
+        h.spawned[2].worker.exited(ExitInfo(status=4))
+        self.assertFalse(self.successResultOf(done))
+        self.assertIs(h.current(1), old1)
+        self.assertEqual(old1.process.signals, [])
+        self.assertEqual(len(h.spawned), 3)  # worker 2 untouched, nothing respawned
+        self.assertFalse(h.supervisor.reloading)
+
+    def test_new_worker_never_ready_is_killed(self):
+        h = Harness(count=1, ready_timeout=10)
+        h.start_all_ready()
+        done = ensureDeferred(h.supervisor.rolling_restart())
+        new = h.spawned[1]
+        h.clock.advance(10)
+        self.assertEqual(new.signals, [signal.SIGKILL])
+        new.worker.exited(ExitInfo(signal=signal.SIGKILL))
+        self.assertFalse(self.successResultOf(done))
+        self.assertEqual(h.current(1).pid, h.spawned[0].pid)
+
+    def test_second_reload_while_reloading_is_ignored(self):
+        h = Harness(count=1)
+        h.start_all_ready()
+        ensureDeferred(h.supervisor.rolling_restart())
+        second = ensureDeferred(h.supervisor.rolling_restart())
+        self.assertFalse(self.successResultOf(second))
+        self.assertEqual(len(h.spawned), 2)
+
+
+class ScaleTests(unittest.TestCase):
+    def test_scale_up_uses_lowest_free_id(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        self.assertEqual(h.supervisor.scale_up(), 3)
+        self.assertEqual(h.spawned[-1].count, 3)
+        self.assertEqual(h.supervisor.scale_down(), 3)
+        self.assertEqual(h.spawned[-1].signals, [signal.SIGTERM])
+        h.spawned[-1].worker.exited(ExitInfo(status=0))
+        h.clock.advance(60)
+        self.assertEqual(len(h.spawned), 3)  # a removed worker is not respawned
+        self.assertEqual(h.supervisor.count, 2)
+
+    def test_never_removes_last_worker(self):
+        h = Harness(count=1)
+        h.start_all_ready()
+        self.assertIsNone(h.supervisor.scale_down())
+        self.assertEqual(h.spawned[0].signals, [])

@@ -1,0 +1,108 @@
+"""Draining: idle connections close, in-flight ones finish with Connection: close."""
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from txcluster.web import ClusterSite
+
+
+class Slow(Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def render_GET(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class Fast(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"ok"
+
+
+def connect(site):
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class DrainTests(unittest.TestCase):
+    def test_idle_keep_alive_closes_at_once(self):
+        site = ClusterSite(Fast(), Clock())
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        self.assertIn(b"ok", transport.value())
+        self.assertFalse(transport.disconnecting)  # kept alive
+        drained = site.drain()
+        self.assertTrue(transport.disconnecting)
+        self.assertNoResult(drained)
+        channel.connectionLost(None)
+        self.successResultOf(drained)
+
+    def test_in_flight_request_finishes_with_connection_close(self):
+        resource = Slow()
+        site = ClusterSite(resource, Clock())
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        drained = site.drain()
+        self.assertFalse(transport.disconnecting)
+        resource.requests[0].write(b"late")
+        resource.requests[0].finish()
+        response = transport.value().lower()
+        self.assertIn(b"connection: close", response)
+        self.assertIn(b"late", response)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.successResultOf(drained)
+
+    def test_request_arriving_while_draining_gets_connection_close(self):
+        site = ClusterSite(Fast(), Clock())
+        site.drain()
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        self.assertIn(b"connection: close", transport.value().lower())
+        self.assertTrue(transport.disconnecting)
+
+    def test_drain_with_no_connections(self):
+        self.successResultOf(ClusterSite(Fast(), Clock()).drain())
+
+    def test_abort(self):
+        site = ClusterSite(Slow(), Clock())
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        site.abort()
+        self.assertTrue(transport.disconnecting)
+
+
+class AccessLogTests(unittest.TestCase):
+    def test_off_by_default(self):
+        site = ClusterSite(Fast(), Clock())
+        site.startFactory()
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        site.stopFactory()  # nothing to assert beyond: no file, no error
+
+    def test_file(self):
+        path = self.mktemp()
+        site = ClusterSite(Fast(), Clock(), access_log=path)
+        site.startFactory()
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        channel.dataReceived(REQUEST)
+        site.stopFactory()
+        with open(path) as f:
+            lines = f.readlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn('"GET / HTTP/1.1" 200', lines[0])

@@ -1,0 +1,232 @@
+"""
+Start a real cluster from a test.
+
+    from txcluster.testing import start_cluster
+
+    def test_it(self):
+        with start_cluster("myapp:cluster", workers=2) as cluster:
+            status, body = cluster.get("/")
+            cluster.signal(signal.SIGHUP)
+            cluster.wait_for_log("rolling restart done")
+
+The cluster runs the installed ``twistd txcluster`` plugin in a process
+group of its own, on an ephemeral port.  Every wait is bounded, and leaving
+the ``with`` block kills every process of that group, so no test leaves a
+process behind.  The helper blocks, so call it from synchronous tests (trial
+or pytest) or from a thread (``deferToThread``) in asynchronous ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+
+T = TypeVar("T")
+
+_LISTENING = re.compile(r"listening on (?P<address>\S+)")
+_READY = re.compile(r"worker (?P<id>\d+) \(pid (?P<pid>\d+)\) ready")
+
+
+class ClusterTimeout(AssertionError):
+    """A bounded wait ran out; the message ends with the cluster's log."""
+
+
+def twistd_command() -> list:
+    """The installed twistd, run by this interpreter."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def wait_until(
+    condition: Callable[[], Optional[T]], timeout: float, what: str,
+    describe: Callable[[], str] = lambda: "", interval: float = 0.05,
+) -> T:
+    """Poll C{condition} until it returns something truthy, for C{timeout}s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while C{pid} runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+class RunningCluster:
+    """A C{twistd -n txcluster} process and its workers."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Optional[str]) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="txcluster-test-", suffix=".log")
+        self.args = list(args)
+        self.process = subprocess.Popen(
+            [*twistd_command(), "-n", "--pidfile=", "txcluster", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=dict(env), cwd=cwd, start_new_session=True,
+        )
+        self.pid = self.process.pid
+        self.url = ""
+
+    # Observing -----------------------------------------------------------------
+
+    @property
+    def output(self) -> str:
+        with open(self._log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_for_log(self, pattern: str, timeout: float = 20.0, count: int = 1) -> re.Match:
+        """Wait until C{pattern} (a regex) has appeared C{count} times."""
+        regex = re.compile(pattern)
+
+        def found() -> Optional[re.Match]:
+            matches = list(regex.finditer(self.output))
+            return matches[count - 1] if len(matches) >= count else None
+
+        return wait_until(found, timeout, f"log line {pattern!r} x{count}", self._tail)
+
+    def ready_workers(self) -> Dict[int, int]:
+        """worker id -> pid of its latest process to report ready."""
+        return {int(m["id"]): int(m["pid"]) for m in _READY.finditer(self.output)}
+
+    def worker_pids(self) -> set:
+        """Pids of the master's live children."""
+        children = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.pid and fields[0] != "Z":
+                    children.add(int(entry))
+        return children
+
+    def _tail(self, lines: int = 60) -> str:
+        return "--- cluster log (tail) ---\n" + "\n".join(self.output.splitlines()[-lines:])
+
+    # Talking to it ---------------------------------------------------------------
+
+    def get(self, path: str = "/", timeout: float = 10.0) -> Tuple[int, bytes]:
+        """One HTTP GET on a new connection: (status, body)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get_json(self, path: str = "/") -> dict:
+        status, body = self.get(path)
+        assert status == 200, (status, body)
+        return json.loads(body)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        """Wait for the master to exit; return its exit status."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterTimeout(f"master still running after {timeout}s\n{self._tail()}")
+
+    # Starting and stopping -------------------------------------------------------------
+
+    def wait_ready(self, workers: int, timeout: float = 30.0) -> "RunningCluster":
+        def listening_and_ready() -> Optional[re.Match]:
+            if self.process.poll() is not None:
+                raise ClusterTimeout(
+                    f"cluster exited with {self.process.returncode} before ready\n{self._tail()}")
+            output = self.output
+            ready = "ready" in output if workers == 0 else (
+                len(set(m["id"] for m in _READY.finditer(output))) >= workers)
+            return _LISTENING.search(output) if ready else None
+
+        address = wait_until(listening_and_ready, timeout, "the cluster to be ready",
+                             self._tail)["address"]
+        host, _, port = address.rpartition(":")
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; whatever is left of the group is then killed."""
+        try:
+            if self.process.poll() is None:
+                self.signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the master and every process in its group."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> "RunningCluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+
+def start_cluster(
+    app: Optional[str] = None,
+    workers: int = 2,
+    args: Sequence[str] = (),
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+    listen: str = "tcp:0:interface=127.0.0.1",
+    wait: bool = True,
+    timeout: float = 30.0,
+) -> RunningCluster:
+    """
+    Start C{twistd -n txcluster} and (unless C{wait=False}) wait until
+    every worker is ready.  With C{workers=0} it starts C{--single}.
+
+    @param env: the environment; defaults to this one with PYTHONPATH
+        extended by C{cwd} (so an app module next to the test imports).
+    """
+    argv = ["--listen", listen]
+    if app is not None:
+        argv += ["--app", app]
+    argv += ["--single"] if workers == 0 else ["--workers", str(workers)]
+    argv += list(args)
+    if env is None:
+        env = dict(os.environ)
+    cluster = RunningCluster(argv, env, cwd)
+    if wait:
+        try:
+            cluster.wait_ready(workers, timeout)
+        except BaseException:
+            cluster.kill()
+            raise
+    return cluster
