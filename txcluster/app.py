@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from typing import Any, Awaitable, Callable, List, Optional, Union
 
 import attr
@@ -124,7 +125,12 @@ def load_app(spec: str) -> Cluster:
     """
     Import C{module:name} and make a L{Cluster} of it: a Klein app, an
     C{IResource}, a Cluster, or a zero-argument callable returning one.
+
+    The module is found from the current directory first, as C{python -m}
+    would, in workers and in C{--single} alike.
     """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attribute = spec.partition(":")
     module = importlib.import_module(module_name)
     obj: Any = module

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -56,6 +56,7 @@ class BoundService(MultiService):
         self.settings = settings
         self.exit_status = ExitStatus.OK
         self.listening: Optional[IListeningPort] = None
+        self._stop_requests = 0
 
     def privilegedStartService(self) -> None:
         if self.listening is None:
@@ -68,6 +69,32 @@ class BoundService(MultiService):
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
         super().startService()
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    # Signals ------------------------------------------------------------------
+
+    def signal_actions(self) -> Dict[int, Callable[[], Any]]:
+        return {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
+
+    def _install_signal_handlers(self) -> None:
+        """Replace the reactor's SIGTERM/SIGINT handlers (after which twistd
+        would kill itself with the signal: a graceful stop must exit 0) and
+        add ours.  Each handler only schedules its action in the reactor."""
+        for signum, action in self.signal_actions().items():
+            signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
+
+    def request_stop(self) -> None:
+        """SIGTERM or SIGINT: stop gracefully; a second one stops at once."""
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            log.info("graceful shutdown (send SIGINT again to stop at once)")
+            self.reactor.stop()
+        else:
+            self.stop_now()
+
+    def stop_now(self) -> None:
+        """Stop without waiting for in-flight requests."""
+        raise NotImplementedError
 
 
 class MasterService(BoundService):
@@ -80,7 +107,6 @@ class MasterService(BoundService):
         super().__init__(reactor, settings)
         self._spawner_factory = spawner_factory
         self.supervisor: Optional[Supervisor] = None
-        self._interrupted = False
 
     def startService(self) -> None:
         super().startService()
@@ -96,7 +122,6 @@ class MasterService(BoundService):
             on_all_ready=lambda: notify_systemd(b"READY=1"),
         )
         self.supervisor.start()
-        self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def _spawner(self) -> Any:
         fd = self.listening.fileno()
@@ -123,24 +148,17 @@ class MasterService(BoundService):
 
     # Signals ------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
-        def deferred_to_reactor(action: Callable[[], Any]) -> Callable[[int, Any], None]:
-            return lambda signum, frame: self.reactor.callFromThread(action)
+    def signal_actions(self) -> Dict[int, Callable[[], Any]]:
+        return {
+            **super().signal_actions(),
+            signal.SIGHUP: self.reload,
+            signal.SIGTTIN: self.add_worker,
+            signal.SIGTTOU: self.remove_worker,
+        }
 
-        signal.signal(signal.SIGINT, deferred_to_reactor(self.interrupt))
-        signal.signal(signal.SIGHUP, deferred_to_reactor(self.reload))
-        signal.signal(signal.SIGTTIN, deferred_to_reactor(self.add_worker))
-        signal.signal(signal.SIGTTOU, deferred_to_reactor(self.remove_worker))
-
-    def interrupt(self) -> None:
-        """First SIGINT: graceful shutdown.  Second: stop at once."""
-        if self._interrupted:
-            log.warn("second SIGINT: killing all workers now")
-            self.supervisor.kill_all()
-            return
-        self._interrupted = True
-        log.info("SIGINT: graceful shutdown (again to stop at once)")
-        self.reactor.stop()
+    def stop_now(self) -> None:
+        log.warn("stopping now: killing all workers")
+        self.supervisor.kill_all()
 
     def reload(self) -> Deferred:
         log.info("SIGHUP: rolling restart")
@@ -179,6 +197,11 @@ class SingleProcessService(BoundService):
         )
         self.worker.started.addErrback(self._start_failed)
         self.worker.setServiceParent(self)
+
+    def stop_now(self) -> None:
+        log.warn("stopping now: dropping open connections")
+        if self.worker is not None and self.worker.site is not None:
+            self.worker.site.abort()
 
     def _ready(self) -> None:
         log.info("ready")

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 
-_LISTENING = re.compile(r"listening on (?P<address>\S+)")
+_LISTENING = re.compile(r"listening on (?P<address>[^\s,]+)")
 _READY = re.compile(r"worker (?P<id>\d+) \(pid (?P<pid>\d+)\) ready")
 
 
@@ -85,11 +85,15 @@ class RunningCluster:
         )
         self.pid = self.process.pid
         self.url = ""
+        self._final_output: Optional[str] = None
 
     # Observing -----------------------------------------------------------------
 
     @property
     def output(self) -> str:
+        """Everything the master (and through it, the workers) logged."""
+        if self._final_output is not None:
+            return self._final_output
         with open(self._log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -157,8 +161,8 @@ class RunningCluster:
                 raise ClusterTimeout(
                     f"cluster exited with {self.process.returncode} before ready\n{self._tail()}")
             output = self.output
-            ready = "ready" in output if workers == 0 else (
-                len(set(m["id"] for m in _READY.finditer(output))) >= workers)
+            ids = {m["id"] for m in _READY.finditer(output)}
+            ready = len(ids) >= workers or (workers == 1 and "] ready" in output)
             return _LISTENING.search(output) if ready else None
 
         address = wait_until(listening_and_ready, timeout, "the cluster to be ready",
@@ -189,7 +193,9 @@ class RunningCluster:
         except ProcessLookupError:
             pass
         self.process.wait()
-        self._log.close()
+        if self._final_output is None:
+            self._final_output = self.output
+            self._log.close()
 
     def __enter__(self) -> "RunningCluster":
         return self
@@ -200,32 +206,39 @@ class RunningCluster:
 
 def start_cluster(
     app: Optional[str] = None,
-    workers: int = 2,
+    workers: Optional[int] = 2,
     args: Sequence[str] = (),
     env: Optional[Mapping[str, str]] = None,
     cwd: Optional[str] = None,
-    listen: str = "tcp:0:interface=127.0.0.1",
-    wait: bool = True,
+    listen: Optional[str] = "tcp:0:interface=127.0.0.1",
+    ready: Optional[int] = None,
     timeout: float = 30.0,
 ) -> RunningCluster:
     """
-    Start C{twistd -n txcluster} and (unless C{wait=False}) wait until
-    every worker is ready.  With C{workers=0} it starts C{--single}.
+    Start C{twistd -n txcluster} and wait until C{ready} workers are ready.
 
-    @param env: the environment; defaults to this one with PYTHONPATH
-        extended by C{cwd} (so an app module next to the test imports).
+    @param workers: C{--workers N}; C{0} means C{--single}; C{None} passes
+        neither, leaving it to the environment or config file.
+    @param listen: C{--listen}; C{None} leaves it to the environment.
+    @param ready: how many workers to wait for (default: C{workers}, or 1);
+        C{0} returns without waiting.
+    @param env: the environment (default: this process's).
+    @param cwd: where to run; C{--app} modules are imported from here.
     """
-    argv = ["--listen", listen]
+    argv = []
+    if listen is not None:
+        argv += ["--listen", listen]
     if app is not None:
         argv += ["--app", app]
-    argv += ["--single"] if workers == 0 else ["--workers", str(workers)]
+    if workers is not None:
+        argv += ["--single"] if workers == 0 else ["--workers", str(workers)]
     argv += list(args)
-    if env is None:
-        env = dict(os.environ)
-    cluster = RunningCluster(argv, env, cwd)
-    if wait:
+    cluster = RunningCluster(argv, dict(os.environ) if env is None else env, cwd)
+    if ready is None:
+        ready = workers or 1
+    if ready:
         try:
-            cluster.wait_ready(workers, timeout)
+            cluster.wait_ready(ready, timeout)
         except BaseException:
             cluster.kill()
             raise

@@ -1,0 +1,49 @@
+"""Shared pieces of the integration tests: paths, environment, test files."""
+
+import os
+import socket
+
+from twisted.trial import unittest
+
+from txcluster.testing import RunningCluster, start_cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_APP = "tests.apps:cluster"
+
+#: Variables that would change what a test cluster does if the developer's
+#: or CI's environment happened to set them.
+_OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
+
+
+def clean_environment(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ClusterTestCase(unittest.TestCase):
+    """Starts clusters that are always killed, and gives them files to write."""
+
+    def path(self, name: str) -> str:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, name)
+
+    def lines(self, path: str) -> list:
+        try:
+            with open(path) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def start(self, app: str = TEST_APP, env: dict = None, **kwargs) -> RunningCluster:
+        cluster = start_cluster(app, env=clean_environment(**(env or {})), cwd=ROOT, **kwargs)
+        self.addCleanup(cluster.kill)
+        return cluster

@@ -1,0 +1,196 @@
+"""
+The installed plugin, started as a new user would: ``twistd -n txcluster``.
+Each test runs real processes on an ephemeral port and kills them all.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+from txcluster.testing import pid_alive, twistd_command, wait_until
+
+from .integration import ROOT, ClusterTestCase, clean_environment, free_port
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+class ServingTests(ClusterTestCase):
+    def test_n_distinct_workers_answer_on_one_port(self):
+        cluster = self.start(workers=3)
+        seen = {}
+        deadline = time.monotonic() + 20
+        while len(seen) < 3 and time.monotonic() < deadline:
+            body = cluster.get_json("/")
+            seen[body["worker"]] = body["pid"]
+        self.assertEqual(sorted(seen), [1, 2, 3])
+        self.assertEqual(len(set(seen.values())), 3)
+        self.assertEqual(set(seen.values()), cluster.worker_pids())
+        self.assertNotIn(cluster.pid, seen.values())
+        self.assertEqual(cluster.get_json("/")["workers"], 3)
+
+    def test_log_lines(self):
+        cluster = self.start(workers=2)
+        output = cluster.output
+        self.assertRegex(output, r"listening on 127\.0\.0\.1:\d+ with 2 workers")
+        for worker_id, pid in cluster.ready_workers().items():
+            self.assertIn(f"worker {worker_id} (pid {pid}) ready", output)
+        # What a worker prints reaches the master's log tagged with its id.
+        cluster.wait_for_log(r"\[worker 2\] hello from worker 2")
+
+    def test_sigterm_stops_everything_with_status_0(self):
+        cluster = self.start(workers=2)
+        workers = cluster.worker_pids()
+        self.assertEqual(cluster.stop(), 0)
+        self.assertIn("all workers stopped", cluster.output)
+        self.assertFalse(any(pid_alive(pid) for pid in workers))
+
+    def test_default_app_is_the_demo(self):
+        cluster = self.start(app=None, workers=1)
+        body = cluster.get_json("/")
+        self.assertEqual(set(body), {"worker", "pid", "workers"})
+        self.assertEqual(cluster.get_json("/health"), {"status": "ok", "worker": 1})
+
+    def test_twist_runs_it_too(self):
+        twist = os.path.join(os.path.dirname(twistd_command()[0]), "twist")
+        if not os.path.exists(twist):
+            self.skipTest("no twist script next to twistd")
+        port = free_port()
+        process = subprocess.Popen(
+            [twist, "txcluster", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--workers", "2"],
+            cwd=ROOT, env=clean_environment(), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(kill_group, process)
+
+        def answers():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    return b"200" in s.recv(100)
+            except OSError:
+                return False
+
+        wait_until(answers, 20, "twist txcluster to answer")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(20), 0)
+
+
+class ConfigurationTests(ClusterTestCase):
+    def test_web_concurrency(self):
+        cluster = self.start(workers=None, env={"WEB_CONCURRENCY": "3"})
+        self.assertIn("with 3 workers", cluster.output)
+
+    def test_bad_web_concurrency_warns_and_uses_cpu_count(self):
+        cpus = len(os.sched_getaffinity(0))
+        cluster = self.start(workers=None, ready=cpus, env={"WEB_CONCURRENCY": "abc"})
+        warnings = [line for line in cluster.output.splitlines() if "WEB_CONCURRENCY" in line]
+        self.assertEqual(len(warnings), 1, cluster.output)
+        self.assertIn("'abc'", warnings[0])
+        self.assertIn(f"with {cpus} workers", cluster.output)
+
+    def test_port_variable(self):
+        port = free_port()
+        cluster = self.start(listen=None, workers=1, env={"PORT": str(port)})
+        self.assertIn(f":{port} with 1 workers", cluster.output)
+
+    def test_config_and_env_files(self):
+        port = free_port()
+        config = self.path("tx.ini")
+        with open(config, "w") as f:
+            f.write(f"[txcluster]\nworkers = 2\nlisten = tcp:{port}:interface=127.0.0.1\n")
+        env_file = self.path(".env")
+        with open(env_file, "w") as f:
+            f.write("WEB_CONCURRENCY=3\n")
+        cluster = self.start(listen=None, workers=None, ready=3,
+                             args=["--config", config, "--env-file", env_file])
+        self.assertIn(f":{port} with 3 workers", cluster.output)  # env beats config
+
+    def test_bad_command_line_value(self):
+        for args, named in [(["--workers", "0"], "--workers '0'"),
+                            (["--workers", "-3"], "--workers '-3'"),
+                            (["--listen", "tcp:nope"], "--listen 'tcp:nope'")]:
+            result = subprocess.run(
+                [*twistd_command(), "-n", "--pidfile=", "txcluster", *args],
+                cwd=ROOT, env=clean_environment(), capture_output=True, text=True, timeout=30)
+            output = result.stdout + result.stderr
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(named, output)
+            self.assertNotIn("Traceback", output)
+            self.assertNotIn("worker 1", output)
+
+    def test_address_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = subprocess.run(
+                [*twistd_command(), "-n", "--pidfile=", "txcluster",
+                 "--listen", f"tcp:{port}:interface=127.0.0.1", "--app", "tests.apps:cluster"],
+                cwd=ROOT, env=clean_environment(), capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(result.returncode, 0)
+        error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+        self.assertEqual(len(error_lines), 1, result.stderr)
+        self.assertIn(f"tcp:{port}", error_lines[0])
+        self.assertIn("in use", error_lines[0])
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.assertNotIn("started", result.stdout)
+
+
+class SingleProcessTests(ClusterTestCase):
+    def test_single(self):
+        events = self.path("events")
+        cron = self.path("cron")
+        cluster = self.start(workers=0, env={"TEST_EVENTS": events, "TEST_CRON": cron})
+        body = cluster.get_json("/")
+        self.assertEqual((body["worker"], body["pid"], body["workers"]), (1, cluster.pid, 1))
+        self.assertEqual(cluster.worker_pids(), set())
+        wait_until(lambda: len(self.lines(cron)) >= 2, 10, "cron in the single process")
+        self.assertTrue(all(line.split()[1] == str(cluster.pid) for line in self.lines(cron)))
+        self.assertEqual(cluster.stop(), 0)
+        self.assertEqual(self.lines(events), [f"startup 1 {cluster.pid}",
+                                              f"shutdown 1 {cluster.pid}"])
+
+    def test_clustering_enabled_false(self):
+        cluster = self.start(workers=None, ready=1, env={"CLUSTERING_ENABLED": "false"})
+        self.assertEqual(cluster.get_json("/")["pid"], cluster.pid)
+        self.assertEqual(cluster.worker_pids(), set())
+
+
+class AppIsolationTests(ClusterTestCase):
+    def test_master_never_imports_the_app(self):
+        imports = self.path("imports")
+        cluster = self.start(workers=2, env={"TEST_IMPORTS": imports})
+        importers = {int(pid) for pid in self.lines(imports)}
+        self.assertEqual(importers, cluster.worker_pids())
+        self.assertNotIn(cluster.pid, importers)
+        with open(f"/proc/{cluster.pid}/maps") as f:
+            self.assertNotIn("klein", f.read())  # not even the framework
+
+    def test_cron_runs_in_worker_one_only(self):
+        cron = self.path("cron")
+        cluster = self.start(workers=3, env={"TEST_CRON": cron, "TEST_CRON_SECONDS": "0.1"})
+        wait_until(lambda: len(self.lines(cron)) >= 8, 15, "8 cron runs")
+        worker_one = cluster.ready_workers()[1]
+        runs = [line.split() for line in self.lines(cron)]
+        self.assertEqual({(worker_id, int(pid)) for worker_id, pid, _ in runs},
+                         {("1", worker_one)})
+
+    def test_environment_names_the_worker(self):
+        cluster = self.start(app="tests.env_app:resource", workers=2)
+        ids = set()
+        deadline = time.monotonic() + 20
+        while len(ids) < 2 and time.monotonic() < deadline:
+            status, body = cluster.get("/")
+            worker_id, count = body.decode().split("/")
+            ids.add(worker_id)
+            self.assertEqual(count, "2")
+        self.assertEqual(ids, {"1", "2"})
