@@ -1,0 +1,233 @@
+"""
+Lifecycle against real processes: respawn, crash loops, graceful shutdown,
+orphans, hung workers, rolling restarts under load, scaling.
+"""
+
+import http.client
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+from urllib.parse import urlsplit
+
+from txcluster.testing import pid_alive, start_cluster, wait_until
+
+from .integration import ClusterTestCase, clean_environment
+from .load import Load
+
+
+class RespawnTests(ClusterTestCase):
+    def assertRespawned(self, cluster, worker_id, old_pid, how):
+        cluster.wait_for_log(rf"worker {worker_id} \(pid {old_pid}\) {how}")
+        new_pid = int(cluster.wait_for_log(
+            rf"worker {worker_id} \(pid (\d+)\) ready", count=2).group(1))
+        self.assertNotEqual(new_pid, old_pid)
+        self.assertIn(new_pid, cluster.worker_pids())
+        self.assertFalse(pid_alive(old_pid))
+        return new_pid
+
+    def test_kill_9_respawns_same_id(self):
+        cluster = self.start(workers=2)
+        old = cluster.ready_workers()[2]
+        os.kill(old, signal.SIGKILL)
+        self.assertRespawned(cluster, 2, old, r"killed by signal 9 \(SIGKILL\)")
+        self.assertEqual(len(cluster.worker_pids()), 2)
+
+    def test_sigterm_to_one_worker_respawns_it(self):
+        cluster = self.start(workers=2)
+        old = cluster.ready_workers()[1]
+        os.kill(old, signal.SIGTERM)
+        self.assertRespawned(cluster, 1, old, "exited with status 0")
+
+    def test_crash_loop_exits_1_with_the_error(self):
+        cluster = self.start(app="tests.broken_app:cluster", workers=2, ready=0)
+        self.assertEqual(cluster.wait_exit(30), 1)
+        output = cluster.output
+        self.assertIn("crash loop", output)
+        self.assertIn("this app is broken on purpose", output)
+        self.assertEqual(cluster.worker_pids(), set())
+
+
+class GracefulShutdownTests(ClusterTestCase):
+    def slow_request(self, cluster, seconds):
+        """Start GET /slow in a thread; return a dict filled in when it ends."""
+        result = {}
+        parts = urlsplit(cluster.url)
+
+        def request():
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            try:
+                connection.request("GET", f"/slow?seconds={seconds}")
+                response = connection.getresponse()
+                result.update(status=response.status, body=response.read(),
+                              connection=response.getheader("connection"))
+            except Exception as e:
+                result.update(error=e)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        result["thread"] = thread
+        return result
+
+    def test_in_flight_request_finishes_then_hooks_run(self):
+        events = self.path("events")
+        cluster = self.start(workers=1, env={"TEST_EVENTS": events})
+        result = self.slow_request(cluster, 1.5)
+        wait_until(lambda: cluster.worker_pids(), 5, "worker")
+        time.sleep(0.3)  # the request is in flight
+        started = time.monotonic()
+        cluster.signal(signal.SIGTERM)
+        self.assertEqual(cluster.wait_exit(20), 0)
+        result["thread"].join(10)
+        self.assertEqual(result.get("status"), 200, result)
+        self.assertIn(b"slept 1.5", result["body"])
+        self.assertEqual(result["connection"], "close")
+        self.assertGreater(time.monotonic() - started, 1.0)
+        self.assertEqual([line.split()[0] for line in self.lines(events)],
+                         ["startup", "shutdown"])
+
+    def test_timeout_kills_what_is_left(self):
+        cluster = self.start(workers=1, args=["--shutdown-timeout", "1"])
+        result = self.slow_request(cluster, 60)
+        time.sleep(0.3)
+        started = time.monotonic()
+        cluster.signal(signal.SIGTERM)
+        self.assertEqual(cluster.wait_exit(20), 0)
+        self.assertLess(time.monotonic() - started, 6)
+        result["thread"].join(10)
+        self.assertNotEqual(result.get("status"), 200)
+
+    def test_second_sigint_stops_at_once(self):
+        cluster = self.start(workers=2, args=["--shutdown-timeout", "60"])
+        self.slow_request(cluster, 60)
+        time.sleep(0.3)
+        cluster.signal(signal.SIGINT)
+        cluster.wait_for_log("graceful shutdown")
+        started = time.monotonic()
+        cluster.signal(signal.SIGINT)
+        cluster.wait_exit(10)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(cluster.worker_pids(), set())
+
+    def test_no_respawn_during_shutdown(self):
+        cluster = self.start(workers=2)
+        cluster.signal(signal.SIGTERM)
+        cluster.wait_exit(20)
+        self.assertNotIn("respawning", cluster.output)
+
+
+class OrphanTests(ClusterTestCase):
+    def test_workers_exit_within_2s_of_master_kill_9(self):
+        cluster = self.start(workers=3)
+        workers = cluster.worker_pids()
+        self.assertEqual(len(workers), 3)
+        os.kill(cluster.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: not any(pid_alive(p) for p in workers), 5, "workers to exit")
+        self.assertLess(time.monotonic() - killed, 2.0)
+
+
+class HungWorkerTests(ClusterTestCase):
+    def test_silent_worker_is_killed_and_replaced(self):
+        cluster = self.start(workers=2, args=["--timeout", "1"])
+        hung = cluster.ready_workers()[2]
+        os.kill(hung, signal.SIGSTOP)
+        cluster.wait_for_log(rf"worker 2 \(pid {hung}\) silent for [\d.]+s")
+        cluster.wait_for_log(r"worker 2 \(pid \d+\) ready", count=2)
+        self.assertNotIn(hung, cluster.worker_pids())
+
+
+VERSIONED_APP = """
+from klein import Klein
+from txcluster import Cluster
+
+VERSION = {version!r}
+{extra}
+web = Klein()
+cluster = Cluster(web)
+
+@web.route("/")
+def index(request):
+    return f"{{VERSION}} {{cluster.worker.id}}"
+"""
+
+
+class RollingRestartTests(ClusterTestCase):
+    def write_app(self, directory, version, extra=""):
+        with open(os.path.join(directory, "versioned_app.py"), "w") as f:
+            f.write(VERSIONED_APP.format(version=version, extra=textwrap.dedent(extra)))
+        # a new .pyc must not be mistaken for the old one
+        for name in os.listdir(os.path.join(directory, "__pycache__")) if os.path.isdir(
+                os.path.join(directory, "__pycache__")) else []:
+            os.remove(os.path.join(directory, "__pycache__", name))
+
+    def start_versioned(self, workers=2):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.write_app(directory, "v1")
+        cluster = start_cluster("versioned_app:cluster", workers=workers,
+                                env=clean_environment(), cwd=directory)
+        self.addCleanup(cluster.kill)
+        return cluster, directory
+
+    def test_sighup_under_load_fails_no_request_and_loads_new_code(self):
+        cluster, directory = self.start_versioned(workers=4)
+        before = cluster.ready_workers()
+        self.write_app(directory, "v2")
+        with Load(cluster.url, close_clients=2, keepalive_clients=2) as load:
+            time.sleep(0.5)
+            cluster.signal(signal.SIGHUP)
+            cluster.wait_for_log("rolling restart done", timeout=60)
+            time.sleep(0.5)
+        self.assertGreater(load.sent, 100)
+        self.assertEqual(load.failed, 0, load.errors[:5])
+        after = cluster.ready_workers()
+        self.assertEqual(sorted(after), [1, 2, 3, 4])
+        self.assertFalse(set(before.values()) & set(after.values()))
+        bodies = {cluster.get("/")[1] for _ in range(20)}
+        self.assertTrue(all(body.startswith(b"v2 ") for body in bodies), bodies)
+
+    def test_new_code_that_fails_keeps_the_old_workers(self):
+        cluster, directory = self.start_versioned(workers=2)
+        before = cluster.ready_workers()
+        self.write_app(directory, "v2", extra="raise RuntimeError('v2 is broken')")
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_for_log("rolling restart stopped")
+        self.assertIn("v2 is broken", cluster.output)
+        self.assertEqual(cluster.worker_pids(), set(before.values()))
+        self.assertEqual(cluster.get("/")[1][:3], b"v1 ")
+        self.assertIsNone(cluster.process.poll())
+
+    def test_cron_moves_to_the_new_worker_1_without_overlap(self):
+        cron = self.path("cron")
+        cluster = self.start(workers=2, env={"TEST_CRON": cron, "TEST_CRON_SECONDS": "0.1"})
+        wait_until(lambda: len(self.lines(cron)) >= 3, 10, "cron runs")
+        old = cluster.ready_workers()[1]
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_for_log("rolling restart done", timeout=60)
+        new = cluster.ready_workers()[1]
+        count = len(self.lines(cron))
+        wait_until(lambda: len(self.lines(cron)) >= count + 3, 10, "cron after reload")
+        pids = [int(line.split()[1]) for line in self.lines(cron)]
+        handover = pids.index(new)
+        self.assertEqual(set(pids[:handover]), {old})
+        self.assertEqual(set(pids[handover:]), {new})
+        times = [float(line.split()[2]) for line in self.lines(cron)]
+        self.assertGreater(times[handover], times[handover - 1])
+
+
+class ScalingTests(ClusterTestCase):
+    def test_ttin_adds_and_ttou_removes(self):
+        cluster = self.start(workers=2)
+        cluster.signal(signal.SIGTTIN)
+        pid3 = int(cluster.wait_for_log(r"worker 3 \(pid (\d+)\) ready").group(1))
+        self.assertEqual(len(cluster.worker_pids()), 3)
+        cluster.signal(signal.SIGTTOU)
+        cluster.wait_for_log(rf"worker 3 \(pid {pid3}\) exited with status 0")
+        time.sleep(0.5)
+        self.assertEqual(len(cluster.worker_pids()), 2)
+        self.assertNotIn("respawning worker 3", cluster.output)
