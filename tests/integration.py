@@ -1,7 +1,9 @@
 """Shared pieces of the integration tests: paths, environment, test files."""
 
 import os
+import shutil
 import socket
+import tempfile
 
 from twisted.trial import unittest
 
@@ -31,10 +33,14 @@ def free_port() -> int:
 class ClusterTestCase(unittest.TestCase):
     """Starts clusters that are always killed, and gives them files to write."""
 
+    def directory(self) -> str:
+        """A fresh temporary directory, removed after the test."""
+        path = tempfile.mkdtemp(prefix="txcluster-test-")
+        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+        return path
+
     def path(self, name: str) -> str:
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory, exist_ok=True)
-        return os.path.join(directory, name)
+        return os.path.join(self.directory(), name)
 
     def lines(self, path: str) -> list:
         try:

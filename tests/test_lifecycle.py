@@ -166,8 +166,7 @@ class RollingRestartTests(ClusterTestCase):
             os.remove(os.path.join(directory, "__pycache__", name))
 
     def start_versioned(self, workers=2):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
+        directory = self.directory()
         self.write_app(directory, "v1")
         cluster = start_cluster("versioned_app:cluster", workers=workers,
                                 env=clean_environment(), cwd=directory)

@@ -1,6 +1,8 @@
 """Options: every layer, the precedence between them, and bad values."""
 
 import os
+import shutil
+import tempfile
 
 from twisted.python import usage
 from twisted.trial import unittest
@@ -127,7 +129,9 @@ class EnvironmentTests(unittest.TestCase):
 
 class ConfigFileTests(unittest.TestCase):
     def write(self, text):
-        path = self.mktemp()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "txcluster.ini")
         with open(path, "w") as f:
             f.write(text)
         return path
@@ -188,7 +192,9 @@ class ConfigFileTests(unittest.TestCase):
 
 class EnvFileTests(unittest.TestCase):
     def test_loaded_into_environment_which_wins(self):
-        path = self.mktemp()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, ".env")
         with open(path, "w") as f:
             f.write("WEB_CONCURRENCY=5\nexport PORT=9100\nAPP_SECRET='s3 cret'\n")
         environ = {"PORT": "9200"}

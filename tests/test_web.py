@@ -1,5 +1,9 @@
 """Draining: idle connections close, in-flight ones finish with Connection: close."""
 
+import os
+import shutil
+import tempfile
+
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -95,7 +99,9 @@ class AccessLogTests(unittest.TestCase):
         site.stopFactory()  # nothing to assert beyond: no file, no error
 
     def test_file(self):
-        path = self.mktemp()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "access.log")
         site = ClusterSite(Fast(), Clock(), access_log=path)
         site.startFactory()
         channel, transport = connect(site)
