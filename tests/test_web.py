@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from txcluster.web import ClusterSite
+from txcluster.web import FRESH_CONNECTION_GRACE, ClusterSite
 
 
 class Slow(Resource):
@@ -77,6 +77,30 @@ class DrainTests(unittest.TestCase):
         channel, transport = connect(site)
         channel.dataReceived(REQUEST)
         self.assertIn(b"connection: close", transport.value().lower())
+        self.assertTrue(transport.disconnecting)
+
+    def test_fresh_connection_gets_its_first_request_answered(self):
+        clock = Clock()
+        site = ClusterSite(Fast(), clock)
+        channel, transport = connect(site)  # accepted; request not read yet
+        drained = site.drain()
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(REQUEST)
+        response = transport.value().lower()
+        self.assertIn(b"ok", response)
+        self.assertIn(b"connection: close", response)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.successResultOf(drained)
+
+    def test_fresh_connection_that_stays_silent_is_closed_after_grace(self):
+        clock = Clock()
+        site = ClusterSite(Fast(), clock)
+        channel, transport = connect(site)
+        site.drain()
+        clock.advance(FRESH_CONNECTION_GRACE - 0.125)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.125)
         self.assertTrue(transport.disconnecting)
 
     def test_drain_with_no_connections(self):

@@ -5,6 +5,11 @@ Draining means: close idle keep-alive connections now, answer every request
 already in flight with C{Connection: close}, and report when the last
 connection is gone.  The listening port is stopped separately (before the
 drain) by the worker.
+
+A connection accepted but not yet read from is not idle: its client has
+most likely sent a request that is still in the socket buffer.  It gets
+L{FRESH_CONNECTION_GRACE} seconds to show it, and is answered with
+C{Connection: close}; closing it at once would fail that request.
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ from twisted.web.server import Site
 
 log = Logger(namespace="txcluster.access")
 
+#: How long a connection that has sent nothing yet may take to send its
+#: first request once draining has begun.
+FRESH_CONNECTION_GRACE = 1.0
+
 
 class DrainableChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that stops keeping alive once its site drains."""
 
     site: "ClusterSite"
+    requests_started = 0
 
     def checkPersistence(self, request, version) -> bool:
+        # Called once per request, when its headers are in.
+        self.requests_started += 1
         if self.site.draining:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
@@ -38,14 +50,22 @@ class DrainableChannel(http.HTTPChannel):
         self.site.channel_closed(self)
 
     def close_when_idle(self) -> None:
-        """Close now if idle, else after the response in flight."""
+        """Close now if idle, else after the response in flight (or, for a
+        connection that has sent nothing yet, after its first request)."""
         if not self.requests:
-            self.transport.loseConnection()
+            if self.requests_started:
+                self.transport.loseConnection()
+            else:
+                self.callLater(FRESH_CONNECTION_GRACE, self._close_if_still_silent)
             return
         self.persistent = False
         for request in self.requests:
             if not request.startedWriting:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def _close_if_still_silent(self) -> None:
+        if not self.requests and not self.requests_started and self.transport.connected:
+            self.transport.loseConnection()
 
 
 class ClusterSite(Site):
