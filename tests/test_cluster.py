@@ -194,3 +194,55 @@ class AppIsolationTests(ClusterTestCase):
             ids.add(worker_id)
             self.assertEqual(count, "2")
         self.assertEqual(ids, {"1", "2"})
+
+
+class DaemonTests(ClusterTestCase):
+    def test_daemon_with_pidfile_and_logfile(self):
+        directory = self.directory()
+        pidfile = os.path.join(directory, "tx.pid")
+        logfile = os.path.join(directory, "tx.log")
+        port = free_port()
+        result = subprocess.run(
+            [*twistd_command(), "--pidfile", pidfile, "--logfile", logfile, "txcluster",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--workers", "2",
+             "--app", "tests.apps:cluster"],
+            cwd=ROOT, env=clean_environment(), capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        master = int(wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(),
+                                10, "the pidfile"))
+        self.addCleanup(lambda: pid_alive(master) and os.kill(master, signal.SIGKILL))
+
+        def log():
+            with open(logfile) as f:
+                return f.read()
+
+        wait_until(lambda: len(re.findall(r"worker \d \(pid \d+\) ready", log())) >= 2,
+                   20, "2 workers ready in the log file")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            self.assertIn(b"200", s.recv(100))
+        os.kill(master, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(master), 20, "the daemon to exit")
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertIn("all workers stopped", log())
+
+
+class AccessLogTests(ClusterTestCase):
+    def test_dash_means_the_main_log(self):
+        cluster = self.start(workers=1, args=["--access-log", "-"])
+        cluster.get("/")
+        cluster.wait_for_log(r'\[worker 1\] "127\.0\.0\.1" - - \[.*\] "GET / HTTP/1\.1" 200')
+
+    def test_file_shared_by_workers(self):
+        path = self.path("access.log")
+        cluster = self.start(workers=2, args=["--access-log", path])
+        for _ in range(20):
+            cluster.get("/")
+        wait_until(lambda: len(self.lines(path)) >= 20, 10, "20 access log lines")
+        self.assertTrue(all('"GET / HTTP/1.1" 200' in line for line in self.lines(path)))
+
+    def test_off_by_default(self):
+        cluster = self.start(workers=1)
+        cluster.get("/")
+        cluster.get("/")
+        self.assertNotIn('"GET /', cluster.output)
