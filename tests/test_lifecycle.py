@@ -6,17 +6,14 @@ orphans, hung workers, rolling restarts under load, scaling.
 import http.client
 import os
 import signal
-import sys
 import textwrap
 import threading
 import time
 from urllib.parse import urlsplit
 
-from txcluster.testing import pid_alive, start_cluster, wait_until
+from txcluster.testing import Load, pid_alive, start_cluster, wait_until
 
 from .integration import ClusterTestCase, clean_environment
-from .load import Load
-
 
 class RespawnTests(ClusterTestCase):
     def assertRespawned(self, cluster, worker_id, old_pid, how):
@@ -48,7 +45,6 @@ class RespawnTests(ClusterTestCase):
         self.assertIn("crash loop", output)
         self.assertIn("this app is broken on purpose", output)
         self.assertEqual(cluster.worker_pids(), set())
-
 
 class GracefulShutdownTests(ClusterTestCase):
     def slow_request(self, cluster, seconds):
@@ -119,7 +115,6 @@ class GracefulShutdownTests(ClusterTestCase):
         cluster.wait_exit(20)
         self.assertNotIn("respawning", cluster.output)
 
-
 class OrphanTests(ClusterTestCase):
     def test_workers_exit_within_2s_of_master_kill_9(self):
         cluster = self.start(workers=3)
@@ -130,7 +125,6 @@ class OrphanTests(ClusterTestCase):
         wait_until(lambda: not any(pid_alive(p) for p in workers), 5, "workers to exit")
         self.assertLess(time.monotonic() - killed, 2.0)
 
-
 class HungWorkerTests(ClusterTestCase):
     def test_silent_worker_is_killed_and_replaced(self):
         cluster = self.start(workers=2, args=["--timeout", "1"])
@@ -139,7 +133,6 @@ class HungWorkerTests(ClusterTestCase):
         cluster.wait_for_log(rf"worker 2 \(pid {hung}\) silent for [\d.]+s")
         cluster.wait_for_log(r"worker 2 \(pid \d+\) ready", count=2)
         self.assertNotIn(hung, cluster.worker_pids())
-
 
 VERSIONED_APP = """
 from klein import Klein
@@ -154,7 +147,6 @@ cluster = Cluster(web)
 def index(request):
     return f"{{VERSION}} {{cluster.worker.id}}"
 """
-
 
 class RollingRestartTests(ClusterTestCase):
     def write_app(self, directory, version, extra=""):
@@ -217,7 +209,6 @@ class RollingRestartTests(ClusterTestCase):
         self.assertEqual(set(pids[handover:]), {new})
         times = [float(line.split()[2]) for line in self.lines(cron)]
         self.assertGreater(times[handover], times[handover - 1])
-
 
 class ScalingTests(ClusterTestCase):
     def test_ttin_adds_and_ttou_removes(self):
