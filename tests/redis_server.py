@@ -39,6 +39,17 @@ def redis_server_binary() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,7 +122,8 @@ class RedisServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command_line(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, cwd=self.directory)
+                stderr=subprocess.STDOUT, cwd=self.directory,
+                preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

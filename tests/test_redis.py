@@ -8,7 +8,7 @@ from typing import Any, Callable, List
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -243,6 +243,15 @@ class DownAtStartTests(RedisTestCase):
         await redis.set("k", "v")
         self.assertEqual(await redis.get("k"), "v")
         self.assertIn("reachable again", self.lines(LogLevel.info)[0])
+
+    async def test_cancelled_connect_stops_trying(self):
+        connecting = ensureDeferred(connect(parse_redis_url(self.server.url), reactor, wait=10))
+        await sleep(0.1)
+        connecting.cancel()
+        self.failureResultOf(connecting, CancelledError)
+        self.server.start()
+        await sleep(1.5)  # the first retry would have come after ~1 s
+        self.assertEqual(self.server.client_count(), 0)
 
     async def test_disconnect_while_down_stops_trying(self):
         redis = await connect(parse_redis_url(self.server.url), reactor, wait=0.1)

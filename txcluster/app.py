@@ -71,6 +71,7 @@ class Cluster:
 
     @ivar worker: this process's L{WorkerInfo} (set before hooks run).
     @ivar redis: the worker's txredisapi connection when C{--redis} is set.
+    @ivar settings: the L{txcluster.options.Settings} the worker runs with.
     """
 
     def __init__(self, web: Union[Klein, IResource]) -> None:
@@ -80,6 +81,7 @@ class Cluster:
         self.shutdown_hooks: List[Job] = []
         self.worker: WorkerInfo = WorkerInfo.from_environment()
         self.redis: Optional[Any] = None
+        self.settings: Optional[Any] = None
 
     def resource(self) -> IResource:
         """The root resource to serve."""

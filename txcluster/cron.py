@@ -63,7 +63,11 @@ class CronJob:
 
 
 class CronService:
-    """All of an app's cron jobs; started only where cron is to run."""
+    """All of an app's cron jobs; started only where cron is to run.
+
+    @param guard: wraps every run (L{txcluster.redis.RedisLease} takes a
+        lease for jobs declared with C{lock=True}).
+    """
 
     def __init__(
         self, specs: Sequence[CronSpec], clock: IReactorTime,

@@ -91,8 +91,12 @@ def parse_app(text: str) -> str:
 
 
 def parse_redis_url(text: str) -> str:
-    if not re.match(r"(redis|unix)://", text):
-        raise BadValue("expected a redis:// or unix:// URL")
+    from .redis_url import parse_redis_url as parse
+
+    try:
+        parse(text)
+    except ValueError as e:
+        raise BadValue(str(e)) from None
     return text
 
 
@@ -201,6 +205,11 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_RESPAWN_DELAY", parse_seconds),),
     ),
     Setting(
+        "demo-db", "SQLite file the demo app flushes page views into (with --redis).",
+        default="txcluster-demo.sqlite", parse=parse_path, metavar="PATH",
+        env=(("TXCLUSTER_DEMO_DB", parse_path),),
+    ),
+    Setting(
         "access-log", "Combined-format access log file; '-' means the main log.",
         parse=parse_path, metavar="PATH", env=(("TXCLUSTER_ACCESS_LOG", parse_path),),
     ),
@@ -232,6 +241,7 @@ class Settings:
     ready_timeout: float = 30.0
     respawn_delay: float = 2.0
     access_log: Optional[str] = None
+    demo_db: str = "txcluster-demo.sqlite"
     config: Optional[str] = None
     env_file: Optional[str] = None
     warnings: tuple[str, ...] = ()

@@ -5,7 +5,12 @@ makes a cron job run on one host only when several hosts share one Redis.
 L{connect} never fails because Redis is down: it waits a few seconds for
 the first connection, logs one warning line if there is none, and returns a
 connection that txredisapi keeps reconnecting in the background.  Commands
-sent while Redis is down wait until it is back.
+sent while Redis is down wait until it is back, however long that takes
+(bound them with C{Deferred.addTimeout} where that matters).
+
+Built on txredisapi 1.6's C{RedisFactory.startConnecting} (one Twisted
+C{ClientService} per pool connection); the endpoints use the injected
+reactor, but txredisapi schedules its retries on the global one.
 """
 
 from __future__ import annotations
@@ -13,10 +18,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from typing import Any, Callable, Optional, Set, Tuple
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import TYPE_CHECKING, Any, Callable, Set
 
-import attr
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -25,7 +28,15 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .app import CronSpec
+from .redis_url import RedisConfig, parse_redis_url
+
+if TYPE_CHECKING:  # the master imports nothing of the app's side
+    from .app import CronSpec
+
+__all__ = [
+    "RedisConfig", "RedisConnection", "RedisLease", "RedisSetupError",
+    "connect", "connected", "disconnect", "parse_redis_url",
+]
 
 log = Logger(namespace="txcluster.redis")
 
@@ -39,114 +50,6 @@ CONNECT_WAIT = 5.0
 CONNECT_TIMEOUT = 5.0
 
 
-# Configuration -------------------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class RedisConfig:
-    """Where Redis is: C{host} and C{port}, or the unix socket C{path}."""
-
-    host: Optional[str] = None
-    port: int = 6379
-    path: Optional[str] = None
-    db: int = 0
-    username: Optional[str] = attr.ib(default=None, repr=False)
-    password: Optional[str] = attr.ib(default=None, repr=False)
-    pool_size: int = 1
-
-    @property
-    def where(self) -> str:
-        """The server and database, for log lines; never the password."""
-        if self.path is not None:
-            server = f"unix:{self.path}"
-        elif ":" in (self.host or ""):
-            server = f"[{self.host}]:{self.port}"
-        else:
-            server = f"{self.host}:{self.port}"
-        return f"{server} db {self.db}"
-
-
-def _number(text: str, what: str, minimum: int) -> int:
-    if not text.isdigit() or int(text) < minimum:
-        raise ValueError(f"bad Redis URL: {what} must be a whole number "
-                         f">= {minimum}, not {text!r}")
-    return int(text)
-
-
-def _query(query: str) -> Tuple[Optional[int], int]:
-    """The C{db} and C{pool_size} query parameters."""
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise ValueError(f"bad Redis URL: cannot parse the query {query!r}")
-    seen: dict = {}
-    for name, value in pairs:
-        if name not in ("db", "pool_size"):
-            raise ValueError(f"bad Redis URL: unknown parameter {name!r} "
-                             "(known: db, pool_size)")
-        if name in seen:
-            raise ValueError(f"bad Redis URL: parameter {name!r} given twice")
-        seen[name] = value
-    db = _number(seen["db"], "db", 0) if "db" in seen else None
-    pool_size = _number(seen.get("pool_size", "1"), "pool_size", 1)
-    return db, pool_size
-
-
-def _credentials(userinfo: str) -> Tuple[Optional[str], Optional[str]]:
-    """C{user:password}, C{:password} or nothing, percent-decoded."""
-    if not userinfo:
-        return None, None
-    user, colon, password = userinfo.partition(":")
-    if not colon or not password:
-        raise ValueError("bad Redis URL: a user name needs a password "
-                         "(user:password@host, or :password@host)")
-    return unquote(user) or None, unquote(password)
-
-
-def parse_redis_url(url: str) -> RedisConfig:
-    """
-    Parse C{redis://[[user]:password@]host[:port][/db][?pool_size=N]} or
-    C{unix://[[user]:password@]/path/to/redis.sock[?db=N][&pool_size=N]}.
-
-    @raise ValueError: one line naming what is wrong (never the password).
-    """
-    scheme, sep, _ = url.partition("://")
-    if not sep or scheme.lower() not in ("redis", "unix"):
-        raise ValueError("bad Redis URL: expected redis://host[:port][/db] "
-                         "or unix:///path/to/redis.sock")
-    parts = urlsplit(url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    username, password = _credentials(userinfo)
-    query_db, pool_size = _query(parts.query)
-
-    if scheme.lower() == "unix":
-        if hostport:
-            raise ValueError(f"bad Redis URL: unix URLs have no host ({hostport!r}); "
-                             "write unix:///path/to/redis.sock")
-        if not parts.path.startswith("/"):
-            raise ValueError("bad Redis URL: unix URL without a socket path; "
-                             "write unix:///path/to/redis.sock")
-        return RedisConfig(path=unquote(parts.path), db=query_db or 0,
-                           username=username, password=password,
-                           pool_size=pool_size)
-
-    if not parts.hostname:
-        raise ValueError("bad Redis URL: no host (redis://host[:port][/db])")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad Redis URL: bad port in {hostport!r}")
-    if port == 0:
-        raise ValueError("bad Redis URL: port 0")
-    path_db = parts.path.lstrip("/")
-    db = _number(path_db, "the database", 0) if path_db else None
-    if db is not None and query_db is not None:
-        raise ValueError("bad Redis URL: database given both as /N and as ?db=N")
-    return RedisConfig(host=parts.hostname, port=port or 6379,
-                       db=db if db is not None else (query_db or 0),
-                       username=username, password=password, pool_size=pool_size)
-
-
 # Connecting ----------------------------------------------------------------
 
 
@@ -158,7 +61,8 @@ class _PoolFactory(txredisapi.RedisFactory):
     """
     txredisapi's pool of C{pool_size} connections, which reconnects each
     one with a back-off (1 s growing to 10 s), plus one log line when the
-    pool empties and one when it has a connection again.
+    pool empties and one when it has a connection again (by overriding
+    its C{addConnection} and C{delConnection}).
     """
 
     def __init__(self, config: RedisConfig) -> None:
@@ -232,6 +136,9 @@ async def connect(
         await factory.disconnect()
         raise RedisSetupError(f"Redis at {config.where} refused the connection: "
                               f"{_reason(e)}") from None
+    except BaseException:  # cancelled: leave nothing connecting
+        await factory.disconnect()
+        raise
     finally:
         if timer.active():
             timer.cancel()
@@ -345,15 +252,15 @@ class RedisLease:
         self.timeout = timeout
         self._unreachable: Set[str] = set()
 
-    def key(self, spec: CronSpec) -> str:
+    def key(self, spec: "CronSpec") -> str:
         return self.prefix + spec.name
 
-    def __call__(self, spec: CronSpec, run: Callable[[], Deferred]) -> Deferred:
+    def __call__(self, spec: "CronSpec", run: Callable[[], Deferred]) -> Deferred:
         if not spec.lock:
             return run()
         return ensureDeferred(self._guarded(spec, run))
 
-    async def _guarded(self, spec: CronSpec, run: Callable[[], Deferred]) -> None:
+    async def _guarded(self, spec: "CronSpec", run: Callable[[], Deferred]) -> None:
         try:
             held = await self._take(spec)
         except _Unreachable as e:
@@ -394,7 +301,7 @@ class RedisLease:
         finally:
             renewal.stop()
 
-    async def _take(self, spec: CronSpec) -> bool:
+    async def _take(self, spec: "CronSpec") -> bool:
         """
         Take or extend the lease: True if it is ours now, False if another
         guard holds it.

@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .app import Cluster, WorkerInfo, call_job, load_app
-from .cron import CronService
+from .cron import CronService, RunGuard, run_unguarded
 from .control import ExitStatus
 from .options import Settings
 from .web import ClusterSite
@@ -57,6 +57,7 @@ class WorkerService(Service):
         self.site: Optional[ClusterSite] = None
         self.port: Optional[IListeningPort] = None
         self.cron: Optional[CronService] = None
+        self.redis: Optional[Any] = None
         self.drain_seconds = settings.shutdown_timeout
         self.exit_status = ExitStatus.OK
         self.started: Deferred = Deferred()
@@ -86,11 +87,31 @@ class WorkerService(Service):
 
     async def _boot(self, cluster: Cluster) -> None:
         cluster.worker = self.info
-        self.cron = CronService(cluster.cron_jobs, self.reactor)
+        cluster.settings = self.settings
+        if self.settings.redis:
+            cluster.redis = self.redis = await self._connect_redis(self.settings.redis)
+        self.cron = CronService(cluster.cron_jobs, self.reactor, self._cron_guard(cluster))
         for hook in cluster.startup_hooks:
             await call_job(hook)
         self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log)
         self.port = self._listen(self.site)
+
+    async def _connect_redis(self, url: str) -> Any:
+        from .redis import connect, parse_redis_url
+
+        return await connect(parse_redis_url(url), self.reactor)
+
+    def _cron_guard(self, cluster: Cluster) -> RunGuard:
+        """Jobs with C{lock=True} take a Redis lease: once across hosts."""
+        locked = [spec.name for spec in cluster.cron_jobs if spec.lock]
+        if self.redis is not None:
+            from .redis import RedisLease
+
+            return RedisLease(self.redis, self.reactor)
+        if locked:
+            log.warn("cron jobs {jobs} ask for lock=True but there is no --redis: "
+                     "they run in worker 1 of this host only", jobs=", ".join(locked))
+        return run_unguarded
 
     def start_cron(self) -> None:
         """Run this app's cron jobs here (worker 1, or the single process)."""
@@ -116,6 +137,10 @@ class WorkerService(Service):
                     await call_job(hook)
                 except Exception:
                     log.failure("shutdown hook {hook} failed", hook=hook)
+        if self.redis is not None:
+            from .redis import disconnect
+
+            await disconnect(self.redis)
 
     async def _drain(self, site: ClusterSite) -> None:
         """Let in-flight requests finish, up to C{drain_seconds}."""
