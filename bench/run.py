@@ -1,0 +1,428 @@
+"""
+Loopback throughput benchmark of txcluster, with wrk.
+
+    /path/to/venv/bin/python bench/run.py [--duration S] [--connections C]
+                                          [--threads T] [--quick]
+
+Run it with the interpreter of the venv where txcluster is installed (the
+cluster is started with that venv's ``twistd``, through
+``txcluster.testing.start_cluster``).  In one run it measures, side by side,
+keep-alive and ``Connection: close`` load on:
+
+- one ``--single`` process;
+- ``parallel-N``: N independent ``--single`` processes on N ports, driven by
+  N concurrent wrk processes with C/N connections each (the parallel limit
+  of N processes on this machine, with no shared socket);
+- the cluster with 1, 2 and 4 workers, counting which worker answered each
+  request (a wrk Lua script reads ``"worker": N`` from every body);
+
+then the respawn latency (SIGKILL a worker, time until the master logs the
+replacement ``ready``; median of a few) and the RSS of the master and the
+workers.  Everything it starts is killed when it ends.
+
+The numbers are only as good as the machine is quiet: the client (wrk) and
+every server process share the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+try:
+    from txcluster.testing import RunningCluster, pid_alive, start_cluster, wait_until
+except ImportError:  # pragma: no cover - wrong interpreter
+    sys.exit("bench/run.py: cannot import txcluster; run it with the python of the venv "
+             "where txcluster is installed (e.g. /tmp/venv/bin/python bench/run.py)")
+
+#: Variables that would change what the cluster does (as in tests/integration.py).
+_OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
+
+# One Lua state per wrk thread: each counts the workers named in its
+# responses; done() (run once, in the main state) sums the threads' tables,
+# which setup() kept, and prints two machine-readable lines.
+LUA = r"""
+local threads = {}
+
+function setup(thread)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   counts = {}
+   unnamed = 0
+end
+
+function response(status, headers, body)
+   local w = body and string.match(body, '"worker":%s*(%d+)')
+   if w then
+      counts[w] = (counts[w] or 0) + 1
+   else
+      unnamed = unnamed + 1
+   end
+end
+
+function done(summary, latency, requests)
+   local total, other = {}, 0
+   for _, thread in ipairs(threads) do
+      local c = thread:get("counts")
+      if c then
+         for k, v in pairs(c) do total[k] = (total[k] or 0) + v end
+      end
+      other = other + (thread:get("unnamed") or 0)
+   end
+   io.write("TXC-WORKERS")
+   for k, v in pairs(total) do io.write(string.format(" %s=%d", k, v)) end
+   io.write(string.format(" unnamed=%d\n", other))
+   local e = summary.errors
+   io.write(string.format(
+      "TXC-SUMMARY duration_us=%d requests=%d connect=%d read=%d write=%d status=%d timeout=%d p50_us=%d p99_us=%d\n",
+      summary.duration, summary.requests, e.connect, e.read, e.write, e.status,
+      e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+_READY = r"worker {id} \(pid (\d+)\) ready"
+
+
+@dataclass
+class WrkResult:
+    requests: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+    non2xx: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    workers: Dict[int, int] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @staticmethod
+    def combine(results: Sequence["WrkResult"]) -> "WrkResult":
+        """Concurrent runs on different ports: requests/s add up."""
+        total = WrkResult()
+        total.requests = sum(r.requests for r in results)
+        total.errors = sum(r.errors for r in results)
+        total.non2xx = sum(r.non2xx for r in results)
+        total.p50_ms = max(r.p50_ms for r in results)
+        total.p99_ms = max(r.p99_ms for r in results)
+        # sum of rates == total requests / this duration
+        rate = sum(r.rps for r in results)
+        total.seconds = total.requests / rate if rate else 0.0
+        return total
+
+
+class Bench:
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.o = options
+        self.tmp = tempfile.TemporaryDirectory(prefix="txcluster-bench-")
+        self.script = os.path.join(self.tmp.name, "workers.lua")
+        with open(self.script, "w") as f:
+            f.write(LUA)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
+        self.cwd = options.app_dir or self.tmp.name
+        self.rows: List[tuple] = []  # (config, mode, WrkResult)
+        self.rss: Dict[str, str] = {}
+        self.respawn: List[float] = []
+
+    # wrk ---------------------------------------------------------------------
+
+    def _wrk_command(self, url: str, connections: int, threads: int, close: bool) -> List[str]:
+        command = [self.o.wrk, f"-t{threads}", f"-c{connections}",
+                   f"-d{self.o.duration}s", "-s", self.script]
+        if close:
+            command += ["-H", "Connection: close"]
+        return command + [url + "/"]
+
+    def wrk(self, urls: Sequence[str], close: bool) -> WrkResult:
+        """One wrk per URL, all at once, the connections split between them."""
+        n = len(urls)
+        connections = max(1, self.o.connections // n)
+        threads = max(1, min(connections, self.o.threads // n or 1))
+        procs = [subprocess.Popen(self._wrk_command(url, connections, threads, close),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for url in urls]
+        outputs = []
+        try:
+            for p in procs:
+                out, _ = p.communicate(timeout=self.o.duration + 30)
+                if p.returncode:
+                    raise RuntimeError(f"wrk failed ({p.returncode}):\n{out}")
+                outputs.append(out)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = [self._parse(out) for out in outputs]
+        return results[0] if n == 1 else WrkResult.combine(results)
+
+    @staticmethod
+    def _parse(output: str) -> WrkResult:
+        summary = re.search(r"^TXC-SUMMARY (.*)$", output, re.M)
+        workers = re.search(r"^TXC-WORKERS(.*)$", output, re.M)
+        if not summary or not workers:
+            raise RuntimeError(f"unexpected wrk output:\n{output}")
+        s = {k: int(v) for k, v in (kv.split("=") for kv in summary[1].split())}
+        result = WrkResult(
+            requests=s["requests"], seconds=s["duration_us"] / 1e6,
+            errors=s["connect"] + s["read"] + s["write"] + s["timeout"],
+            non2xx=s["status"], p50_ms=s["p50_us"] / 1000, p99_ms=s["p99_us"] / 1000)
+        for kv in workers[1].split():
+            key, value = kv.split("=")
+            if key.isdigit():
+                result.workers[int(key)] = int(value)
+        return result
+
+    # Servers -----------------------------------------------------------------
+
+    def start(self, workers: int) -> RunningCluster:
+        cluster = start_cluster(app=self.o.app, workers=workers, env=self.env, cwd=self.cwd)
+        cluster.ready_at = time.monotonic()  # type: ignore[attr-defined]
+        try:
+            for _ in range(3):  # smoke test, and warm the first request path
+                status, body = cluster.get("/")
+                if status != 200 or b'"worker"' not in body:
+                    raise RuntimeError(f"GET / answered {status} {body[:200]!r}")
+        except BaseException:
+            cluster.kill()
+            raise
+        return cluster
+
+    def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0) -> None:
+        for close in (False, True):
+            mode = "close" if close else "keep-alive"
+            result = self.wrk(urls, close)
+            self.rows.append((config, mode, result, expected_workers))
+            print(f"  {config:<11} {mode:<10} {result.rps:8.0f} req/s"
+                  f"{self._share_text(result, expected_workers)}", flush=True)
+
+    # Runs ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        print(self._header(), flush=True)
+        with self.start(0) as single:
+            self.measure("single", [single.url])
+            self.rss["single process"] = _rss_text([single.pid])
+
+        for n in self.o.parallel:
+            with contextlib.ExitStack() as stack:
+                servers = [stack.enter_context(self.start(0)) for _ in range(n)]
+                self.measure(f"parallel-{n}", [s.url for s in servers])
+
+        for n in self.o.workers:
+            with self.start(n) as cluster:
+                self.measure(f"cluster-{n}", [cluster.url], expected_workers=n)
+                workers = sorted(cluster.worker_pids())
+                self.rss[f"cluster-{n} master"] = _rss_text([cluster.pid])
+                self.rss[f"cluster-{n} workers"] = _rss_text(workers)
+                if n == max(self.o.workers) and self.o.respawn_samples:
+                    self.respawn = self.measure_respawn(cluster, n)
+        self.report()
+
+    def measure_respawn(self, cluster: RunningCluster, n: int) -> List[float]:
+        """SIGKILL the longest-running worker; time until its replacement is ready.
+
+        A worker that dies within 5 s of starting is a fast crash (back-off,
+        and the master gives up after N in a row), so every victim has run
+        for more than 5.5 s: the respawn is immediate, as after a real crash.
+        """
+        print(f"  respawn     kill -9 a worker of cluster-{n}, {self.o.respawn_samples} times",
+              flush=True)
+        started = {i: cluster.ready_at for i in range(1, n + 1)}  # type: ignore[attr-defined]
+        samples = []
+        for _ in range(self.o.respawn_samples):
+            victim = min(started, key=started.get)
+            age = time.monotonic() - started[victim]
+            if age < 5.5:
+                time.sleep(5.5 - age)
+            pattern = _READY.format(id=victim)
+            seen = len(re.findall(pattern, cluster.output))
+            pid = cluster.ready_workers()[victim]
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            match = wait_until(
+                lambda: (lambda m: m[seen] if len(m) > seen else None)(
+                    re.findall(pattern, cluster.output)),
+                30, f"worker {victim} to respawn", interval=0.002)
+            elapsed = time.monotonic() - t0
+            started[victim] = time.monotonic()
+            assert int(match) != pid and not pid_alive(pid)
+            samples.append(elapsed)
+        status, _ = cluster.get("/")
+        assert status == 200
+        return samples
+
+    # Output --------------------------------------------------------------------
+
+    def _header(self) -> str:
+        import twisted
+        o = self.o
+        return (f"txcluster bench: wrk -t{o.threads} -c{o.connections} -d{o.duration}s, "
+                f"loopback, {os.cpu_count()} CPUs, load average {_loadavg()}, "
+                f"Python {platform.python_version()}, Twisted {twisted.__version__}, "
+                f"app {o.app or 'txcluster.demo:cluster'}")
+
+    @staticmethod
+    def _share_text(result: WrkResult, expected: int) -> str:
+        if not expected:
+            return ""
+        shares = share(result, expected)
+        spread = ratio_text(shares)
+        counts = " ".join(f"w{i}={c}" for i, c in sorted(shares.items()))
+        return f"   shares {counts}  max/min {spread}"
+
+    def report(self) -> None:
+        by = {(config, mode): result for config, mode, result, _ in self.rows}
+        print()
+        print(f"{'config':<12}{'mode':<11}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
+              f"{'errors':>8}  per-worker share of requests (max/min)")
+        for config, mode, result, expected in self.rows:
+            errors = result.errors + result.non2xx
+            line = (f"{config:<12}{mode:<11}{result.rps:>8.0f}{result.p50_ms:>8.1f}"
+                    f"{result.p99_ms:>8.1f}{errors:>8}")
+            if expected:
+                shares = share(result, expected)
+                total = sum(shares.values()) or 1
+                line += "  " + " ".join(f"{100 * c / total:.0f}%" for _, c in sorted(shares.items()))
+                line += f" ({ratio_text(shares)})"
+            print(line)
+
+        print("\nratios (requests/s)           keep-alive   close")
+        pairs = [("cluster-1", "single")]
+        pairs += [(f"cluster-{n}", f"parallel-{n}") for n in self.o.parallel]
+        ran = {config for config, _ in by}
+        pairs = [(top, bottom) for top, bottom in pairs if top in ran and bottom in ran]
+        for top, bottom in pairs:
+            cells = []
+            for mode in ("keep-alive", "close"):
+                a, b = by.get((top, mode)), by.get((bottom, mode))
+                cells.append(f"{a.rps / b.rps:.2f}" if a and b and b.rps else "-")
+            print(f"  {top + ' / ' + bottom:<28}{cells[0]:>10}{cells[1]:>8}")
+
+        print("\nper-worker share max/min      keep-alive   close")
+        for n in self.o.workers:
+            if n < 2:
+                continue
+            cells = [ratio_text(share(by[(f"cluster-{n}", m)], n)) if (f"cluster-{n}", m) in by
+                     else "-" for m in ("keep-alive", "close")]
+            print(f"  cluster-{n:<20}{cells[0]:>10}{cells[1]:>8}")
+
+        if self.respawn:
+            ms = sorted(1000 * s for s in self.respawn)
+            print(f"\nrespawn (kill -9 -> replacement ready): median {statistics.median(ms):.0f} ms"
+                  f" (samples: {', '.join(f'{m:.0f}' for m in ms)} ms)")
+        print("\nRSS (VmRSS after the load)")
+        for what, text in self.rss.items():
+            print(f"  {what:<26}{text}")
+        print(f"\nload average at the end: {_loadavg()}  (other processes on the machine "
+              "skew every number above)")
+
+
+def share(result: WrkResult, expected: int) -> Dict[int, int]:
+    """Requests per worker id, every expected id present (0 if it got none)."""
+    shares = {i: 0 for i in range(1, expected + 1)}
+    shares.update(result.workers)
+    return shares
+
+
+def ratio_text(shares: Dict[int, int]) -> str:
+    if len(shares) < 2:
+        return "-"
+    lo, hi = min(shares.values()), max(shares.values())
+    return f"{hi / lo:.2f}" if lo else "inf"
+
+
+def _rss_kib(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss_text(pids: Sequence[int]) -> str:
+    values = [v for v in (_rss_kib(p) for p in pids) if v is not None]
+    if not values:
+        return "-"
+    mib = [v / 1024 for v in values]
+    if len(mib) == 1:
+        return f"{mib[0]:.1f} MiB"
+    return f"{statistics.mean(mib):.1f} MiB each ({', '.join(f'{m:.1f}' for m in mib)})"
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=None,
+                   help="seconds per wrk run (default 3; 1 with --quick)")
+    p.add_argument("--connections", type=int, default=32,
+                   help="wrk -c, split between the processes of parallel-N (default 32)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="wrk -t (default 2); parallel-N runs N wrk with max(1, T/N) each")
+    p.add_argument("--quick", action="store_true",
+                   help="1 s runs and 3 respawn samples")
+    p.add_argument("--workers", type=_ints, default=[1, 2, 4],
+                   help="cluster sizes, comma-separated (default 1,2,4)")
+    p.add_argument("--parallel", type=_ints, default=[2, 4],
+                   help="parallel-N sizes, comma-separated (default 2,4)")
+    p.add_argument("--respawn-samples", type=int, default=None,
+                   help="kill -9 samples on the largest cluster (default 5; 3 with --quick)")
+    p.add_argument("--app", default=None,
+                   help="--app of the cluster (default: the demo); its GET / must answer "
+                        'JSON naming the worker, like {"worker": N}')
+    p.add_argument("--app-dir", default=None,
+                   help="directory the cluster runs in, where --app is imported from")
+    p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
+    options = p.parse_args(argv)
+    if options.duration is None:
+        options.duration = 1 if options.quick else 3
+    if options.respawn_samples is None:
+        options.respawn_samples = 3 if options.quick else 5
+    if options.connections < 1 or options.threads < 1 or options.duration < 1:
+        p.error("--connections, --threads and --duration must be at least 1")
+    if options.threads > options.connections:
+        p.error("wrk needs --connections >= --threads")
+    return options
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    options = parse_args(argv)
+    bench = Bench(options)
+    try:
+        bench.run()
+    finally:
+        bench.tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
