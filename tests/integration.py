@@ -33,6 +33,9 @@ def free_port() -> int:
 class ClusterTestCase(unittest.TestCase):
     """Starts clusters that are always killed, and gives them files to write."""
 
+    #: added to every cluster's command line (subclasses run a mode)
+    cluster_args: tuple = ()
+
     def directory(self) -> str:
         """A fresh temporary directory, removed after the test."""
         path = tempfile.mkdtemp(prefix="txcluster-test-")
@@ -49,7 +52,9 @@ class ClusterTestCase(unittest.TestCase):
         except FileNotFoundError:
             return []
 
-    def start(self, app: str = TEST_APP, env: dict = None, **kwargs) -> RunningCluster:
-        cluster = start_cluster(app, env=clean_environment(**(env or {})), cwd=ROOT, **kwargs)
+    def start(self, app: str = TEST_APP, env: dict = None, cwd: str = ROOT,
+              args: tuple = (), **kwargs) -> RunningCluster:
+        cluster = start_cluster(app, env=clean_environment(**(env or {})), cwd=cwd,
+                                args=[*self.cluster_args, *args], **kwargs)
         self.addCleanup(cluster.kill)
         return cluster

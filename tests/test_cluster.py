@@ -246,3 +246,9 @@ class AccessLogTests(ClusterTestCase):
         cluster.get("/")
         cluster.get("/")
         self.assertNotIn('"GET /', cluster.output)
+
+
+class KernelBalanceServingTests(ServingTests):
+    """The same, with workers accepting on the shared socket."""
+
+    cluster_args = ("--balance", "kernel")

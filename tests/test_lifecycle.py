@@ -11,9 +11,9 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from txcluster.testing import Load, pid_alive, start_cluster, wait_until
+from txcluster.testing import Load, pid_alive, wait_until
 
-from .integration import ClusterTestCase, clean_environment
+from .integration import ClusterTestCase
 
 class RespawnTests(ClusterTestCase):
     def assertRespawned(self, cluster, worker_id, old_pid, how):
@@ -160,10 +160,7 @@ class RollingRestartTests(ClusterTestCase):
     def start_versioned(self, workers=2):
         directory = self.directory()
         self.write_app(directory, "v1")
-        cluster = start_cluster("versioned_app:cluster", workers=workers,
-                                env=clean_environment(), cwd=directory)
-        self.addCleanup(cluster.kill)
-        return cluster, directory
+        return self.start("versioned_app:cluster", workers=workers, cwd=directory), directory
 
     def test_sighup_under_load_fails_no_request_and_loads_new_code(self):
         cluster, directory = self.start_versioned(workers=4)
@@ -221,3 +218,20 @@ class ScalingTests(ClusterTestCase):
         time.sleep(0.5)
         self.assertEqual(len(cluster.worker_pids()), 2)
         self.assertNotIn("respawning worker 3", cluster.output)
+
+
+KERNEL = ("--balance", "kernel")
+
+
+class KernelBalanceGracefulShutdownTests(GracefulShutdownTests):
+    """The same, with workers accepting on the shared socket."""
+
+    cluster_args = KERNEL
+
+
+class KernelBalanceRollingRestartTests(RollingRestartTests):
+    cluster_args = KERNEL
+
+
+class KernelBalanceOrphanTests(OrphanTests):
+    cluster_args = KERNEL

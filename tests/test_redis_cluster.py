@@ -4,7 +4,6 @@ closed at shutdown; serving on while Redis is away; locked cron jobs that
 run once per tick across clusters; the demo's page views, flushed once.
 """
 
-import os
 import signal
 import sqlite3
 import time

@@ -30,6 +30,7 @@ class ExitStatus(IntEnum):
 LISTEN_FD = 3
 CONTROL_FROM_WORKER = 4  # the worker writes, the master reads
 CONTROL_TO_WORKER = 5  # the master writes, the worker reads
+CONNECTIONS_FD = 6  # --balance round-robin: connections from the master
 
 
 class Ready(amp.Command):

@@ -65,15 +65,21 @@ def bind(reactor: Any, description: str) -> IListeningPort:
 
 
 def adopt(
-    reactor: Any, fd: int, factory: IProtocolFactory, description: str
+    reactor: Any, fd: int, factory: IProtocolFactory, description: str,
+    accept_one: bool = False,
 ) -> IListeningPort:
-    """Serve C{factory} on an inherited listening descriptor."""
-    return reactor.adoptStreamPort(
-        fd, _family_of(fd), _tls_wrapped(reactor, factory, description)
-    )
+    """Serve C{factory} on an inherited listening descriptor; with
+    C{accept_one}, one connection per wakeup (see L{txcluster.balancing})."""
+    port = reactor.adoptStreamPort(fd, address_family(fd), tls_wrapped(reactor, factory, description))
+    if accept_one:
+        from .balancing import accept_one_per_wakeup
+
+        accept_one_per_wakeup(port)
+    return port
 
 
-def _family_of(fd: int) -> socket.AddressFamily:
+def address_family(fd: int) -> socket.AddressFamily:
+    """The address family of a socket descriptor."""
     probe = socket.socket(fileno=fd)
     try:
         return probe.family
@@ -81,7 +87,7 @@ def _family_of(fd: int) -> socket.AddressFamily:
         probe.detach()
 
 
-def _tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
+def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
     """For C{ssl:} endpoints, wrap the factory in TLS like the endpoint would."""
     if not description.startswith("ssl:"):
         return factory

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from .listening import bind, describe
 from .options import Settings
 from .supervisor import RestartPolicy, Supervisor
+from .balancing import ROUND_ROBIN, ConnectionDispatcher
 from .control import ExitStatus
 
 log = Logger(namespace="txcluster.master")
@@ -107,6 +108,7 @@ class MasterService(BoundService):
         super().__init__(reactor, settings)
         self._spawner_factory = spawner_factory
         self.supervisor: Optional[Supervisor] = None
+        self.dispatcher: Optional[Any] = None
 
     def startService(self) -> None:
         super().startService()
@@ -120,8 +122,19 @@ class MasterService(BoundService):
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,
             on_all_ready=lambda: notify_systemd(b"READY=1"),
+            on_worker_ready=lambda worker: self._start_dispatching(),
         )
+        if self.settings.balance == ROUND_ROBIN:
+            self.dispatcher = ConnectionDispatcher(
+                self.reactor, self.listening.fileno(), self._connection_channels)
         self.supervisor.start()
+
+    def _connection_channels(self) -> List[Any]:
+        return [w.process.connections for w in self.supervisor.serving()]
+
+    def _start_dispatching(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.start()
 
     def _spawner(self) -> Any:
         fd = self.listening.fileno()
@@ -138,6 +151,8 @@ class MasterService(BoundService):
         log.info("shutting down {n} workers (timeout {s}s)",
                  n=len(self.supervisor.processes), s=self.settings.shutdown_timeout)
         notify_systemd(b"STOPPING=1")
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         return self.supervisor.stop().addCallback(
             lambda _: log.info("all workers stopped; master exiting"))
 

@@ -100,6 +100,14 @@ def parse_redis_url(text: str) -> str:
     return text
 
 
+def parse_balance(text: str) -> str:
+    from .balancing import MODES
+
+    if text not in MODES:
+        raise BadValue(f"expected one of {', '.join(MODES)}")
+    return text
+
+
 def parse_path(text: str) -> str:
     if not text:
         raise BadValue("expected a path")
@@ -178,6 +186,13 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_APP", parse_app),),
     ),
     Setting(
+        "balance", "How connections are spread: 'kernel' (workers accept on the "
+        "shared socket, one per wakeup) or 'round-robin' (the master accepts and "
+        "hands each connection to the next worker).",
+        default="round-robin", parse=parse_balance, metavar="MODE",
+        env=(("TXCLUSTER_BALANCE", parse_balance),),
+    ),
+    Setting(
         "redis", "Redis URL; each worker opens its own connection.",
         parse=parse_redis_url, metavar="URL", env=(("REDIS_URL", parse_redis_url),),
     ),
@@ -235,6 +250,7 @@ class Settings:
     workers: int = 1
     single: bool = False
     app: str = DEFAULT_APP
+    balance: str = "round-robin"
     redis: Optional[str] = None
     shutdown_timeout: float = 30.0
     timeout: float = 30.0

@@ -7,14 +7,19 @@ output re-logged under their worker id.
 from __future__ import annotations
 
 import os
+import socket
 import sys
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from .control import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport, MasterSide
+from .balancing import ROUND_ROBIN
+from .control import (
+    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport,
+    MasterSide,
+)
 from .logs import LineSplitter, OutputTail
 from .options import SETTINGS_VARIABLE, Settings
 from .supervisor import ExitInfo, Worker
@@ -25,9 +30,11 @@ log = Logger(namespace="txcluster.master")
 class WorkerProcessProtocol(ProcessProtocol):
     """The master's view of one worker process."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, connections: Optional[socket.socket] = None) -> None:
         self.worker = worker
         self.pid: int = 0
+        #: round-robin mode: the master's end of the worker's connection channel
+        self.connections = connections
         self._tail = OutputTail()
         self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat)
         self._output = {
@@ -65,6 +72,8 @@ class WorkerProcessProtocol(ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         for splitter in self._output.values():
             splitter.flush()
+        if self.connections is not None:
+            self.connections.close()
         self.worker.exited(ExitInfo(status=reason.value.exitCode, signal=reason.value.signal))
 
     def _stdout_line(self, line: str) -> None:
@@ -89,25 +98,37 @@ class WorkerSpawner:
         self._environ = environ
 
     def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
-        protocol = WorkerProcessProtocol(worker)
+        child_fds: Dict[int, Any] = {
+            0: "w", 1: "r", 2: "r", CONTROL_FROM_WORKER: "r", CONTROL_TO_WORKER: "w",
+        }
+        theirs = None
+        if self._settings.balance == ROUND_ROBIN:
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            child_fds[CONNECTIONS_FD] = theirs.fileno()
+            protocol = WorkerProcessProtocol(worker, connections=ours)
+        else:
+            child_fds[LISTEN_FD] = self._listen_fd
+            protocol = WorkerProcessProtocol(worker)
+        try:
+            self._spawn(protocol, worker.id, count, child_fds)
+        finally:
+            if theirs is not None:
+                theirs.close()  # the worker has its copy now
+        return protocol
+
+    def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
+               child_fds: Dict[int, Any]) -> None:
         self._reactor.spawnProcess(
             protocol,
             sys.executable,
             [sys.executable, "-m", "txcluster.worker"],
-            env=self.environment(worker.id, count),
+            env=self.environment(worker_id, count),
             # `python -m` puts this directory first on sys.path, so --app
             # imports the way it would for the user who started twistd.
             path=os.getcwd(),
-            childFDs={
-                0: "w",
-                1: "r",
-                2: "r",
-                LISTEN_FD: self._listen_fd,
-                CONTROL_FROM_WORKER: "r",
-                CONTROL_TO_WORKER: "w",
-            },
+            childFDs=child_fds,
         )
-        return protocol
 
     def environment(self, worker_id: int, count: int) -> Dict[str, str]:
         env = dict(self._environ)

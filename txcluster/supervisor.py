@@ -180,6 +180,7 @@ class Supervisor:
         policy: RestartPolicy = RestartPolicy(),
         on_crash_loop: Callable[[], None] = lambda: None,
         on_all_ready: Callable[[], None] = lambda: None,
+        on_worker_ready: Callable[[Worker], None] = lambda worker: None,
     ) -> None:
         self.clock = clock
         self.policy = policy
@@ -193,6 +194,7 @@ class Supervisor:
         self._spawn = spawn
         self._on_crash_loop = on_crash_loop
         self._on_all_ready = on_all_ready
+        self._on_worker_ready = on_worker_ready
         self._respawns: Dict[int, IDelayedCall] = {}
         self._watchdog = LoopingCall(self._check_silence)
         self._watchdog.clock = clock
@@ -218,11 +220,19 @@ class Supervisor:
 
     def worker_ready(self, worker: Worker) -> None:
         log.info("worker {id} (pid {pid}) ready", id=worker.id, pid=worker.pid)
+        self._on_worker_ready(worker)
         self._assign_cron()
         if not self.announced_ready and self._all_ready():
             self.announced_ready = True
             log.info("all {count} workers ready", count=self.count)
             self._on_all_ready()
+
+    def serving(self) -> List[Worker]:
+        """The workers that should get new connections: each id's current
+        process, once ready; none while stopping."""
+        if self.stopping:
+            return []
+        return [w for w in self.slots.values() if w is not None and w.is_ready]
 
     def _all_ready(self) -> bool:
         return all(w is not None and w.is_ready for w in self.slots.values())

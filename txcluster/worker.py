@@ -179,7 +179,9 @@ def main() -> None:
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
 
-    from .control import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerSide
+    from .control import (
+        CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerSide,
+    )
     from .options import SETTINGS_VARIABLE
     from .logs import start_worker_logging
 
@@ -190,9 +192,15 @@ def main() -> None:
     info = WorkerInfo.from_environment()
 
     def listen(factory: IProtocolFactory) -> IListeningPort:
-        from .listening import adopt
+        from .balancing import ROUND_ROBIN, ConnectionReceiver
+        from .listening import adopt, tls_wrapped
 
-        port = adopt(reactor, LISTEN_FD, factory, settings.listen)
+        if settings.balance == ROUND_ROBIN:
+            factory = tls_wrapped(reactor, factory, settings.listen)
+            receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, factory)
+            receiver.startListening()
+            return receiver
+        port = adopt(reactor, LISTEN_FD, factory, settings.listen, accept_one=True)
         os.close(LISTEN_FD)  # adoptStreamPort made its own copy
         return port
 

@@ -1,0 +1,196 @@
+"""
+How connections are spread over the workers (C{--balance}).
+
+C{kernel} (every worker accepts on the shared socket): the kernel wakes the
+workers and the first to call C{accept()} wins.  Twisted's port accepts up
+to 100+ connections per wakeup, so one worker could drain a whole burst;
+L{accept_one_per_wakeup} makes each wakeup take one, as tornado and libuv
+did for the same problem.  The master stays off the accept path.
+
+C{round-robin} (Node's cluster default): the master accepts and passes each
+connection's descriptor to the next ready worker over a Unix socket pair
+(C{SCM_RIGHTS}); the worker adopts it with C{adoptStreamConnection}.  Even
+under keep-alive, where connections are long-lived and a burst decides the
+split for good, and at the cost of one C{accept} and one C{sendmsg} per
+connection in the master.  The master still never reads a request's bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Callable, List, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .listening import address_family
+
+log = Logger(namespace="txcluster.balancing")
+
+KERNEL = "kernel"
+ROUND_ROBIN = "round-robin"
+MODES = (KERNEL, ROUND_ROBIN)
+
+#: Connections the master accepts per wakeup in round-robin mode.
+ACCEPT_BATCH = 64
+
+
+def accept_one_per_wakeup(port: IListeningPort) -> None:
+    """Make a Twisted TCP/Unix port accept one connection per reactor wakeup.
+
+    C{tcp.Port.doRead} raises its C{numberAccepts} after every full batch;
+    resetting it before each read keeps it at one.
+    """
+    if not hasattr(port, "numberAccepts"):  # pragma: no cover - not a tcp.Port
+        return
+    read = port.doRead
+
+    def read_one() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = read_one
+
+
+@implementer(IReadDescriptor)
+class ConnectionDispatcher:
+    """
+    Master side of round-robin: accept on the listening socket and send
+    each connection to the next of C{targets()}, the channels of the ready
+    workers.  While there is no ready worker, connections wait in the
+    kernel's backlog.
+    """
+
+    def __init__(self, reactor: Any, listening_fd: int,
+                 targets: Callable[[], List[socket.socket]]) -> None:
+        self._reactor = reactor
+        self._socket = socket.socket(fileno=os.dup(listening_fd))
+        self._socket.setblocking(False)
+        self._targets = targets
+        self._next = 0
+        self.reading = False
+        self.dispatched = 0
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "ConnectionDispatcher"
+
+    def start(self) -> None:
+        """(Re)start accepting; called whenever a worker becomes ready."""
+        if not self.reading and self._socket.fileno() >= 0:
+            self.reading = True
+            self._reactor.addReader(self)
+
+    def stop(self) -> None:
+        """Stop accepting; what is not accepted stays in the backlog."""
+        if self.reading:
+            self.reading = False
+            self._reactor.removeReader(self)
+
+    def close(self) -> None:
+        self.stop()
+        self._socket.close()  # our copy only: never shutdown()
+
+    def doRead(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            targets = self._targets()
+            if not targets:
+                self.stop()  # resumed by start() when a worker is ready
+                return
+            try:
+                client, _ = self._socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warn("accept() failed: {error}", error=e)
+                    return
+                raise
+            with client:
+                self._send(client, targets)
+
+    def _send(self, client: socket.socket, targets: List[socket.socket]) -> None:
+        for attempt in range(len(targets)):
+            channel = targets[(self._next + attempt) % len(targets)]
+            try:
+                socket.send_fds(channel, [b"c"], [client.fileno()])
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                continue  # that worker is busy or gone: try the next one
+            self._next = (self._next + attempt + 1) % len(targets)
+            self.dispatched += 1
+            return
+        log.warn("no worker could take a connection; dropped it")
+
+    def connectionLost(self, reason: Any) -> None:
+        self.close()
+
+
+@implementer(IReadDescriptor, IListeningPort)
+class ConnectionReceiver:
+    """
+    Worker side of round-robin: adopt the connections the master sends.
+    Acts as the worker's listening port: C{stopListening} adopts what the
+    master already sent, then stops.
+    """
+
+    def __init__(self, reactor: Any, channel_fd: int, factory: IProtocolFactory) -> None:
+        self._reactor = reactor
+        self._channel = socket.socket(fileno=channel_fd)
+        self._channel.setblocking(False)
+        self._factory = factory
+        self.adopted = 0
+
+    def fileno(self) -> int:
+        return self._channel.fileno()
+
+    def logPrefix(self) -> str:
+        return "ConnectionReceiver"
+
+    def startListening(self) -> None:
+        self._factory.doStart()
+        self._reactor.addReader(self)
+
+    def stopListening(self) -> Deferred:
+        if self._channel.fileno() >= 0:
+            self._reactor.removeReader(self)
+            self.doRead()  # what the master sent before it stopped sending
+            self._channel.close()
+            self._factory.doStop()
+        return succeed(None)
+
+    def getHost(self) -> Any:
+        return None
+
+    def doRead(self) -> Optional[Any]:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._channel, 64, 64)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                log.warn("receiving connections failed: {error}", error=e)
+                return None
+            for fd in fds:
+                self._adopt(fd)
+            if not data:  # the master closed its end: it is gone
+                self._reactor.removeReader(self)
+                return None
+
+    def _adopt(self, fd: int) -> None:
+        try:
+            self._reactor.adoptStreamConnection(fd, address_family(fd), self._factory)
+            self.adopted += 1
+        except OSError as e:  # the client went away meanwhile
+            log.debug("could not adopt a connection: {error}", error=e)
+        finally:
+            os.close(fd)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
