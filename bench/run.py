@@ -6,19 +6,21 @@ Loopback throughput benchmark of txcluster, with wrk.
 
 Run it with the interpreter of the venv where txcluster is installed (the
 cluster is started with that venv's ``twistd``, through
-``txcluster.testing.start_cluster``).  In one run it measures, side by side,
-keep-alive and ``Connection: close`` load on:
+``txcluster.testing.start_cluster``).  For each size N (1, 2, 4) it starts,
+side by side, the baseline and the clusters:
 
-- one ``--single`` process;
-- ``parallel-N``: N independent ``--single`` processes on N ports, driven by
-  N concurrent wrk processes with C/N connections each (the parallel limit
-  of N processes on this machine, with no shared socket);
-- the cluster with 1, 2 and 4 workers, counting which worker answered each
-  request (a wrk Lua script reads ``"worker": N`` from every body);
+- N = 1: one ``--single`` process; N > 1: ``parallel-N``, N independent
+  ``--single`` processes on N ports driven by N concurrent wrk processes
+  with C/N connections each (the parallel limit, with no shared socket);
+- the cluster with N workers, once per ``--balance`` mode, counting which
+  worker answered each request (a wrk Lua script reads ``"worker": N``).
 
-then the respawn latency (SIGKILL a worker, time until the master logs the
-replacement ``ready``; median of a few) and the RSS of the master and the
-workers.  Everything it starts is killed when it ends.
+Each round measures them one after the other, with keep-alive and with
+``Connection: close``; ratios are medians of per-round ratios, so a drift in
+the machine's load during the run cancels out.  Then the respawn latency
+(SIGKILL a worker, time until the master logs the replacement ``ready``)
+and the RSS of the master and the workers.  Everything it starts is killed
+when it ends.
 
 The numbers are only as good as the machine is quiet: the client (wrk) and
 every server process share the same cores.
@@ -135,7 +137,7 @@ class Bench:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
         self.cwd = options.app_dir or self.tmp.name
-        self.rows: List[tuple] = []  # (config, mode, WrkResult)
+        self.rows: List[tuple] = []  # (config, mode, WrkResult, workers, round)
         self.rss: Dict[str, str] = {}
         self.respawn: List[float] = []
 
@@ -190,8 +192,10 @@ class Bench:
 
     # Servers -----------------------------------------------------------------
 
-    def start(self, workers: int) -> RunningCluster:
-        cluster = start_cluster(app=self.o.app, workers=workers, env=self.env, cwd=self.cwd)
+    def start(self, workers: int, balance: Optional[str] = None) -> RunningCluster:
+        args = ["--balance", balance] if balance else []
+        cluster = start_cluster(app=self.o.app, workers=workers, env=self.env, cwd=self.cwd,
+                                args=args)
         cluster.ready_at = time.monotonic()  # type: ignore[attr-defined]
         try:
             for _ in range(3):  # smoke test, and warm the first request path
@@ -203,35 +207,40 @@ class Bench:
             raise
         return cluster
 
-    def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0) -> None:
+    def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0,
+                round_: int = 0) -> None:
         for close in (False, True):
             mode = "close" if close else "keep-alive"
             result = self.wrk(urls, close)
-            self.rows.append((config, mode, result, expected_workers))
-            print(f"  {config:<11} {mode:<10} {result.rps:8.0f} req/s"
+            self.rows.append((config, mode, result, expected_workers, round_))
+            print(f"  round {round_ + 1}  {config:<22} {mode:<10} {result.rps:8.0f} req/s"
                   f"{self._share_text(result, expected_workers)}", flush=True)
 
     # Runs ----------------------------------------------------------------------
 
     def run(self) -> None:
+        """For each size N, the baseline (one --single process for N = 1,
+        else N of them) and the clusters run side by side, and each round
+        measures them one after the other: a ratio compares two figures of
+        the same round, so drift in the machine's load cancels out."""
         print(self._header(), flush=True)
-        with self.start(0) as single:
-            self.measure("single", [single.url])
-            self.rss["single process"] = _rss_text([single.pid])
-
-        for n in self.o.parallel:
+        for n in self.o.workers:
+            baseline = "single" if n == 1 else f"parallel-{n}"
             with contextlib.ExitStack() as stack:
                 servers = [stack.enter_context(self.start(0)) for _ in range(n)]
-                self.measure(f"parallel-{n}", [s.url for s in servers])
-
-        for n in self.o.workers:
-            with self.start(n) as cluster:
-                self.measure(f"cluster-{n}", [cluster.url], expected_workers=n)
-                workers = sorted(cluster.worker_pids())
-                self.rss[f"cluster-{n} master"] = _rss_text([cluster.pid])
-                self.rss[f"cluster-{n} workers"] = _rss_text(workers)
+                clusters = {cluster_name(n, b): stack.enter_context(self.start(n, b))
+                            for b in self.o.balance}
+                for round_ in range(self.o.rounds):
+                    self.measure(baseline, [s.url for s in servers], round_=round_)
+                    for config, cluster in clusters.items():
+                        self.measure(config, [cluster.url], expected_workers=n, round_=round_)
+                if n == 1:
+                    self.rss["single process"] = _rss_text([servers[0].pid])
+                for config, cluster in clusters.items():
+                    self.rss[f"{config} master"] = _rss_text([cluster.pid])
+                    self.rss[f"{config} workers"] = _rss_text(sorted(cluster.worker_pids()))
                 if n == max(self.o.workers) and self.o.respawn_samples:
-                    self.respawn = self.measure_respawn(cluster, n)
+                    self.respawn = self.measure_respawn(next(iter(clusters.values())), n)
         self.report()
 
     def measure_respawn(self, cluster: RunningCluster, n: int) -> List[float]:
@@ -286,41 +295,64 @@ class Bench:
         counts = " ".join(f"w{i}={c}" for i, c in sorted(shares.items()))
         return f"   shares {counts}  max/min {spread}"
 
+    def _median_rps(self, config: str, mode: str) -> float:
+        return statistics.median(r.rps for c, m, r, _, _ in self.rows if (c, m) == (config, mode))
+
+    def _shares(self, config: str, mode: str, expected: int) -> Dict[int, int]:
+        """Requests per worker, summed over the rounds."""
+        total = {i: 0 for i in range(1, expected + 1)}
+        for c, m, r, _, _ in self.rows:
+            if (c, m) == (config, mode):
+                for worker, count in share(r, expected).items():
+                    total[worker] += count
+        return total
+
+    def _ratio(self, top: str, bottom: str, mode: str) -> Optional[float]:
+        """Median over the rounds of top/bottom, each pair from one round."""
+        by_round: Dict[int, Dict[str, float]] = {}
+        for c, m, r, _, round_ in self.rows:
+            if m == mode and c in (top, bottom):
+                by_round.setdefault(round_, {})[c] = r.rps
+        ratios = [v[top] / v[bottom] for v in by_round.values()
+                  if top in v and bottom in v and v[bottom]]
+        return statistics.median(ratios) if ratios else None
+
     def report(self) -> None:
-        by = {(config, mode): result for config, mode, result, _ in self.rows}
-        print()
-        print(f"{'config':<12}{'mode':<11}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
-              f"{'errors':>8}  per-worker share of requests (max/min)")
-        for config, mode, result, expected in self.rows:
-            errors = result.errors + result.non2xx
-            line = (f"{config:<12}{mode:<11}{result.rps:>8.0f}{result.p50_ms:>8.1f}"
-                    f"{result.p99_ms:>8.1f}{errors:>8}")
-            if expected:
-                shares = share(result, expected)
-                total = sum(shares.values()) or 1
-                line += "  " + " ".join(f"{100 * c / total:.0f}%" for _, c in sorted(shares.items()))
-                line += f" ({ratio_text(shares)})"
-            print(line)
-
-        print("\nratios (requests/s)           keep-alive   close")
-        pairs = [("cluster-1", "single")]
-        pairs += [(f"cluster-{n}", f"parallel-{n}") for n in self.o.parallel]
-        ran = {config for config, _ in by}
-        pairs = [(top, bottom) for top, bottom in pairs if top in ran and bottom in ran]
-        for top, bottom in pairs:
-            cells = []
+        configs: List[tuple] = []
+        for c, _, _, expected, _ in self.rows:
+            if (c, expected) not in configs:
+                configs.append((c, expected))
+        print(f"\nmedian of {self.o.rounds} rounds of {self.o.duration} s")
+        print(f"{'config':<24}{'mode':<11}{'req/s':>8}{'errors':>8}  per-worker share (max/min)")
+        for config, expected in configs:
             for mode in ("keep-alive", "close"):
-                a, b = by.get((top, mode)), by.get((bottom, mode))
-                cells.append(f"{a.rps / b.rps:.2f}" if a and b and b.rps else "-")
-            print(f"  {top + ' / ' + bottom:<28}{cells[0]:>10}{cells[1]:>8}")
+                errors = sum(r.errors + r.non2xx for c, m, r, _, _ in self.rows
+                             if (c, m) == (config, mode))
+                line = f"{config:<24}{mode:<11}{self._median_rps(config, mode):>8.0f}{errors:>8}"
+                if expected:
+                    shares = self._shares(config, mode, expected)
+                    total = sum(shares.values()) or 1
+                    line += "  " + " ".join(f"{100 * c / total:.0f}%" for _, c in sorted(shares.items()))
+                    line += f" ({ratio_text(shares)})"
+                print(line)
 
-        print("\nper-worker share max/min      keep-alive   close")
+        print("\nratios of requests/s, paired by round      keep-alive   close")
+        for n in self.o.workers:
+            baseline = "single" if n == 1 else f"parallel-{n}"
+            for balance in self.o.balance:
+                top = cluster_name(n, balance)
+                cells = [self._ratio(top, baseline, mode) for mode in ("keep-alive", "close")]
+                text = [f"{c:.2f}" if c is not None else "-" for c in cells]
+                print(f"  {top + ' / ' + baseline:<42}{text[0]:>10}{text[1]:>8}")
+
+        print("\nper-worker share max/min (all rounds)       keep-alive   close")
         for n in self.o.workers:
             if n < 2:
                 continue
-            cells = [ratio_text(share(by[(f"cluster-{n}", m)], n)) if (f"cluster-{n}", m) in by
-                     else "-" for m in ("keep-alive", "close")]
-            print(f"  cluster-{n:<20}{cells[0]:>10}{cells[1]:>8}")
+            for balance in self.o.balance:
+                config = cluster_name(n, balance)
+                cells = [ratio_text(self._shares(config, m, n)) for m in ("keep-alive", "close")]
+                print(f"  {config:<42}{cells[0]:>10}{cells[1]:>8}")
 
         if self.respawn:
             ms = sorted(1000 * s for s in self.respawn)
@@ -328,9 +360,13 @@ class Bench:
                   f" (samples: {', '.join(f'{m:.0f}' for m in ms)} ms)")
         print("\nRSS (VmRSS after the load)")
         for what, text in self.rss.items():
-            print(f"  {what:<26}{text}")
+            print(f"  {what:<32}{text}")
         print(f"\nload average at the end: {_loadavg()}  (other processes on the machine "
               "skew every number above)")
+
+
+def cluster_name(workers: int, balance: str) -> str:
+    return f"cluster-{workers}/{balance}"
 
 
 def share(result: WrkResult, expected: int) -> Dict[int, int]:
@@ -393,8 +429,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="1 s runs and 3 respawn samples")
     p.add_argument("--workers", type=_ints, default=[1, 2, 4],
                    help="cluster sizes, comma-separated (default 1,2,4)")
-    p.add_argument("--parallel", type=_ints, default=[2, 4],
-                   help="parallel-N sizes, comma-separated (default 2,4)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per size; ratios are medians of per-round ratios "
+                        "(default 3; 1 with --quick)")
     p.add_argument("--respawn-samples", type=int, default=None,
                    help="kill -9 samples on the largest cluster (default 5; 3 with --quick)")
     p.add_argument("--app", default=None,
@@ -402,10 +439,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'JSON naming the worker, like {"worker": N}')
     p.add_argument("--app-dir", default=None,
                    help="directory the cluster runs in, where --app is imported from")
+    p.add_argument("--balance", type=lambda text: text.split(","),
+                   default=["round-robin", "kernel"],
+                   help="--balance modes of the clusters, comma-separated "
+                        "(default round-robin,kernel)")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
     options = p.parse_args(argv)
     if options.duration is None:
         options.duration = 1 if options.quick else 3
+    if options.rounds is None:
+        options.rounds = 1 if options.quick else 3
     if options.respawn_samples is None:
         options.respawn_samples = 3 if options.quick else 5
     if options.connections < 1 or options.threads < 1 or options.duration < 1:
