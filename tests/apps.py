@@ -56,3 +56,5 @@ async def started():
 async def stopped():
     await deferLater(reactor, 0.05, lambda: None)
     record("TEST_EVENTS", f"shutdown {cluster.worker.id} {os.getpid()}")
+    if cluster.redis is not None:  # still connected: shutdown hooks can flush
+        await cluster.redis.set(f"test:shutdown:{cluster.worker.id}", str(os.getpid()))

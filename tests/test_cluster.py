@@ -84,6 +84,15 @@ class ServingTests(ClusterTestCase):
         self.assertEqual(process.wait(20), 0)
 
 
+class PluginTests(ClusterTestCase):
+    def test_twistd_and_twist_list_the_plugin(self):
+        twist = os.path.join(os.path.dirname(twistd_command()[0]), "twist")
+        for command in (twistd_command(), [twist]):
+            result = subprocess.run([*command, "--help"], capture_output=True, text=True,
+                                    timeout=60, cwd=ROOT, env=clean_environment())
+            self.assertRegex(result.stdout, r"txcluster\s+Serve a Klein app")
+
+
 class ConfigurationTests(ClusterTestCase):
     def test_web_concurrency(self):
         cluster = self.start(workers=None, env={"WEB_CONCURRENCY": "3"})
@@ -158,6 +167,15 @@ class SingleProcessTests(ClusterTestCase):
         self.assertEqual(cluster.stop(), 0)
         self.assertEqual(self.lines(events), [f"startup 1 {cluster.pid}",
                                               f"shutdown 1 {cluster.pid}"])
+
+    def test_worker_signals_are_ignored_not_fatal(self):
+        cluster = self.start(workers=0)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            cluster.signal(signum)
+        cluster.wait_for_log("SIGTTOU .* ignored with --single")
+        self.assertEqual(cluster.get("/health")[0], 404)  # tests.apps has no /health
+        self.assertEqual(cluster.get("/")[0], 200)
+        self.assertIsNone(cluster.process.poll())
 
     def test_clustering_enabled_false(self):
         cluster = self.start(workers=None, ready=1, env={"CLUSTERING_ENABLED": "false"})

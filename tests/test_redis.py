@@ -14,6 +14,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from txcluster.app import CronSpec
+from txcluster.testing import eventually as _eventually
 from txcluster.cron import CronService
 from txcluster.redis import (
     RedisConfig, RedisLease, RedisSetupError, connect, connected, disconnect,
@@ -27,16 +28,8 @@ def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll C{condition} until it is truthy; fail after C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await sleep(0.02)
+def eventually(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    return _eventually(condition, timeout, what)
 
 
 class RedisTestCase(unittest.TestCase):

@@ -22,6 +22,14 @@ class ConnectionTests(ClusterTestCase):
         self.assertEqual(cluster.stop(), 0)
         wait_until(lambda: redis.client_count() == 0, 10, "no Redis clients")
 
+    def test_shutdown_hooks_can_still_use_redis(self):
+        redis = start_redis(self)
+        cluster = self.start(workers=2, args=["--redis", redis.url])
+        workers = cluster.ready_workers()
+        self.assertEqual(cluster.stop(), 0)
+        for worker_id, pid in workers.items():
+            self.assertEqual(redis.command("GET", f"test:shutdown:{worker_id}"), str(pid).encode())
+
     def test_pool_size_and_unix_socket(self):
         redis = start_redis(self)
         self.start(workers=2, args=["--redis", redis.unix_url + "?pool_size=2"])

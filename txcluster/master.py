@@ -17,11 +17,11 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from .balancing import ROUND_ROBIN, ConnectionDispatcher
+from .control import ExitStatus
 from .listening import bind, describe
 from .options import Settings
 from .supervisor import RestartPolicy, Supervisor
-from .balancing import ROUND_ROBIN, ConnectionDispatcher
-from .control import ExitStatus
 
 log = Logger(namespace="txcluster.master")
 
@@ -75,7 +75,18 @@ class BoundService(MultiService):
     # Signals ------------------------------------------------------------------
 
     def signal_actions(self) -> Dict[int, Callable[[], Any]]:
-        return {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
+        return {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            # Without a handler SIGHUP would kill, SIGTTIN/TTOU suspend us.
+            signal.SIGHUP: self.not_supported("SIGHUP (rolling restart)"),
+            signal.SIGTTIN: self.not_supported("SIGTTIN (one worker more)"),
+            signal.SIGTTOU: self.not_supported("SIGTTOU (one worker fewer)"),
+        }
+
+    @staticmethod
+    def not_supported(what: str) -> Callable[[], None]:
+        return lambda: log.warn("{what} needs workers; ignored with --single", what=what)
 
     def _install_signal_handlers(self) -> None:
         """Replace the reactor's SIGTERM/SIGINT handlers (after which twistd
@@ -101,23 +112,21 @@ class BoundService(MultiService):
 class MasterService(BoundService):
     """Supervise N worker processes sharing the bound port."""
 
-    def __init__(
-        self, reactor: Any, settings: Settings,
-        spawner_factory: Optional[Callable[[int], Any]] = None,
-    ) -> None:
+    def __init__(self, reactor: Any, settings: Settings) -> None:
         super().__init__(reactor, settings)
-        self._spawner_factory = spawner_factory
         self.supervisor: Optional[Supervisor] = None
-        self.dispatcher: Optional[Any] = None
+        self.dispatcher: Optional[ConnectionDispatcher] = None
 
     def startService(self) -> None:
         super().startService()
         assert self.listening is not None
         log.info("txcluster master (pid {pid}) listening on {address} with {n} workers",
                  pid=os.getpid(), address=describe(self.listening), n=self.settings.workers)
+        from .process import WorkerSpawner
+
         self.supervisor = Supervisor(
             self.reactor,
-            self._spawner(),
+            WorkerSpawner(self.reactor, self.settings, self.listening.fileno()),
             self.settings.workers,
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,
@@ -135,14 +144,6 @@ class MasterService(BoundService):
     def _start_dispatching(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.start()
-
-    def _spawner(self) -> Any:
-        fd = self.listening.fileno()
-        if self._spawner_factory is not None:
-            return self._spawner_factory(fd)
-        from .process import WorkerSpawner
-
-        return WorkerSpawner(self.reactor, self.settings, fd)
 
     def stopService(self) -> Deferred:
         super().stopService()

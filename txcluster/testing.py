@@ -16,6 +16,8 @@ Under load, ``Load`` counts failed requests, e.g. across a rolling restart::
         cluster.wait_for_log("rolling restart done")
     assert load.failed == 0
 
+In asynchronous tests, ``eventually`` polls without blocking the reactor.
+
 The cluster runs the installed ``twistd txcluster`` plugin in a process
 group of its own, on an ephemeral port.  Every wait is bounded, and leaving
 the ``with`` block kills every process of that group, so no test leaves a
@@ -71,6 +73,25 @@ def wait_until(
         if time.monotonic() > deadline:
             raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
         time.sleep(interval)
+
+
+async def eventually(
+    condition: Callable[[], Optional[T]], timeout: float, what: str,
+    describe: Callable[[], str] = lambda: "", interval: float = 0.02,
+) -> T:
+    """L{wait_until} for asynchronous tests (trial or pytest-twisted): polls
+    without blocking the running reactor."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
+        await deferLater(reactor, interval, lambda: None)
 
 
 def pid_alive(pid: int) -> bool:
