@@ -35,14 +35,13 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 try:
+    from txcluster.load import WrkResult, run_wrk
     from txcluster.testing import RunningCluster, pid_alive, start_cluster, wait_until
 except ImportError:  # pragma: no cover - wrong interpreter
     sys.exit("bench/run.py: cannot import txcluster; run it with the python of the venv "
@@ -51,89 +50,13 @@ except ImportError:  # pragma: no cover - wrong interpreter
 #: Variables that would change what the cluster does (as in tests/integration.py).
 _OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
 
-# One Lua state per wrk thread: each counts the workers named in its
-# responses; done() (run once, in the main state) sums the threads' tables,
-# which setup() kept, and prints two machine-readable lines.
-LUA = r"""
-local threads = {}
-
-function setup(thread)
-   table.insert(threads, thread)
-end
-
-function init(args)
-   counts = {}
-   unnamed = 0
-end
-
-function response(status, headers, body)
-   local w = body and string.match(body, '"worker":%s*(%d+)')
-   if w then
-      counts[w] = (counts[w] or 0) + 1
-   else
-      unnamed = unnamed + 1
-   end
-end
-
-function done(summary, latency, requests)
-   local total, other = {}, 0
-   for _, thread in ipairs(threads) do
-      local c = thread:get("counts")
-      if c then
-         for k, v in pairs(c) do total[k] = (total[k] or 0) + v end
-      end
-      other = other + (thread:get("unnamed") or 0)
-   end
-   io.write("TXC-WORKERS")
-   for k, v in pairs(total) do io.write(string.format(" %s=%d", k, v)) end
-   io.write(string.format(" unnamed=%d\n", other))
-   local e = summary.errors
-   io.write(string.format(
-      "TXC-SUMMARY duration_us=%d requests=%d connect=%d read=%d write=%d status=%d timeout=%d p50_us=%d p99_us=%d\n",
-      summary.duration, summary.requests, e.connect, e.read, e.write, e.status,
-      e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
 _READY = r"worker {id} \(pid (\d+)\) ready"
-
-
-@dataclass
-class WrkResult:
-    requests: int = 0
-    seconds: float = 0.0
-    errors: int = 0
-    non2xx: int = 0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    workers: Dict[int, int] = field(default_factory=dict)
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-    @staticmethod
-    def combine(results: Sequence["WrkResult"]) -> "WrkResult":
-        """Concurrent runs on different ports: requests/s add up."""
-        total = WrkResult()
-        total.requests = sum(r.requests for r in results)
-        total.errors = sum(r.errors for r in results)
-        total.non2xx = sum(r.non2xx for r in results)
-        total.p50_ms = max(r.p50_ms for r in results)
-        total.p99_ms = max(r.p99_ms for r in results)
-        # sum of rates == total requests / this duration
-        rate = sum(r.rps for r in results)
-        total.seconds = total.requests / rate if rate else 0.0
-        return total
 
 
 class Bench:
     def __init__(self, options: argparse.Namespace) -> None:
         self.o = options
         self.tmp = tempfile.TemporaryDirectory(prefix="txcluster-bench-")
-        self.script = os.path.join(self.tmp.name, "workers.lua")
-        with open(self.script, "w") as f:
-            f.write(LUA)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
         self.cwd = options.app_dir or self.tmp.name
@@ -143,52 +66,10 @@ class Bench:
 
     # wrk ---------------------------------------------------------------------
 
-    def _wrk_command(self, url: str, connections: int, threads: int, close: bool) -> List[str]:
-        command = [self.o.wrk, f"-t{threads}", f"-c{connections}",
-                   f"-d{self.o.duration}s", "-s", self.script]
-        if close:
-            command += ["-H", "Connection: close"]
-        return command + [url + "/"]
-
     def wrk(self, urls: Sequence[str], close: bool) -> WrkResult:
         """One wrk per URL, all at once, the connections split between them."""
-        n = len(urls)
-        connections = max(1, self.o.connections // n)
-        threads = max(1, min(connections, self.o.threads // n or 1))
-        procs = [subprocess.Popen(self._wrk_command(url, connections, threads, close),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for url in urls]
-        outputs = []
-        try:
-            for p in procs:
-                out, _ = p.communicate(timeout=self.o.duration + 30)
-                if p.returncode:
-                    raise RuntimeError(f"wrk failed ({p.returncode}):\n{out}")
-                outputs.append(out)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        results = [self._parse(out) for out in outputs]
-        return results[0] if n == 1 else WrkResult.combine(results)
-
-    @staticmethod
-    def _parse(output: str) -> WrkResult:
-        summary = re.search(r"^TXC-SUMMARY (.*)$", output, re.M)
-        workers = re.search(r"^TXC-WORKERS(.*)$", output, re.M)
-        if not summary or not workers:
-            raise RuntimeError(f"unexpected wrk output:\n{output}")
-        s = {k: int(v) for k, v in (kv.split("=") for kv in summary[1].split())}
-        result = WrkResult(
-            requests=s["requests"], seconds=s["duration_us"] / 1e6,
-            errors=s["connect"] + s["read"] + s["write"] + s["timeout"],
-            non2xx=s["status"], p50_ms=s["p50_us"] / 1000, p99_ms=s["p99_us"] / 1000)
-        for kv in workers[1].split():
-            key, value = kv.split("=")
-            if key.isdigit():
-                result.workers[int(key)] = int(value)
-        return result
+        return run_wrk(urls, self.o.connections, self.o.threads, self.o.duration, close,
+                       binary=self.o.wrk)
 
     # Servers -----------------------------------------------------------------
 
