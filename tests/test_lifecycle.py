@@ -29,7 +29,7 @@ class RespawnTests(ClusterTestCase):
         cluster = self.start(workers=2)
         old = cluster.ready_workers()[2]
         os.kill(old, signal.SIGKILL)
-        self.assertRespawned(cluster, 2, old, r"killed by signal 9 \(SIGKILL\)")
+        self.assertRespawned(cluster, 2, old, r"exited on signal 9 \(SIGKILL\)")
         self.assertEqual(len(cluster.worker_pids()), 2)
 
     def test_sigterm_to_one_worker_respawns_it(self):

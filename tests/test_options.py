@@ -146,6 +146,12 @@ class ConfigFileTests(unittest.TestCase):
         self.assertEqual(settings.access_log, "/tmp/access.log")
         self.assertEqual(settings.config, path)
 
+    def test_bad_config_from_environment_warns(self):
+        settings = parse(environ={"TXCLUSTER_CONFIG": "/no/such/file.ini"})
+        self.assertEqual(settings.workers, 3)
+        self.assertIn("TXCLUSTER_CONFIG", settings.warnings[0])
+        self.assertIsNone(settings.config)
+
     def test_config_from_environment(self):
         path = self.write("[txcluster]\nworkers = 6\n")
         self.assertEqual(parse(environ={"TXCLUSTER_CONFIG": path}).workers, 6)

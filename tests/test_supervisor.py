@@ -290,3 +290,66 @@ class ScaleTests(unittest.TestCase):
         h.start_all_ready()
         self.assertIsNone(h.supervisor.scale_down())
         self.assertEqual(h.spawned[0].signals, [])
+
+
+class RobustnessTests(unittest.TestCase):
+    def test_spawn_failure_counts_as_a_fast_crash_and_is_retried(self):
+        h = Harness(count=2, min_delay=0.25, max_delay=0.25)
+        real_spawn = h.supervisor._spawn
+        failures = [OSError(24, "Too many open files")]
+
+        def flaky(worker, count):
+            if worker.id == 2 and failures:
+                raise failures.pop()
+            return real_spawn(worker, count)
+
+        h.supervisor._spawn = flaky
+        h.supervisor.start()
+        h.clock.advance(0)
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+        self.assertIsNone(h.supervisor.slots[2])
+        h.clock.advance(0.25)
+        self.assertEqual(h.current(2).pid, h.spawned[-1].pid)
+        self.assertEqual([p.worker.id for p in h.spawned], [1, 2])
+
+    def test_a_respawn_that_lives_resets_the_count(self):
+        h = Harness(count=3, min_delay=0, max_delay=0)
+        h.start_all_ready()
+        h.die(1, after=1)
+        h.clock.advance(0)
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+        h.clock.advance(4.9)
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+        h.clock.advance(0.1)  # the respawned worker 1 has lived 5 s
+        self.assertEqual(h.supervisor.fast_crashes, 0)
+
+    def test_workers_started_before_the_crash_do_not_reset_it(self):
+        h = Harness(count=3, min_delay=1, max_delay=1)
+        h.start_all_ready()
+        h.die(1, after=1)
+        h.clock.advance(4.5)  # workers 2 and 3 pass 5 s; worker 1 waits to respawn
+        self.assertEqual(h.supervisor.fast_crashes, 1)
+
+    def test_a_leaving_worker_gets_no_new_connections(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        self.assertEqual(len(h.supervisor.serving()), 2)
+        h.current(2).leaving()
+        self.assertEqual(h.supervisor.serving(), [h.current(1)])
+
+    def test_no_scaling_while_stopping(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        h.supervisor.stop()
+        self.assertIsNone(h.supervisor.scale_up())
+        self.assertIsNone(h.supervisor.scale_down())
+        self.assertEqual(len(h.spawned), 2)
+
+    def test_crash_loop_stops_respawning(self):
+        h = Harness(count=1, min_delay=0, max_delay=0)
+        h.supervisor.start()
+        h.die(1, after=0.5)
+        self.assertEqual(h.crash_loops, 1)
+        self.assertTrue(h.supervisor.stopping)
+        h.clock.advance(10)
+        self.assertEqual(len(h.spawned), 1)

@@ -108,10 +108,13 @@ class ConnectionDispatcher:
             except BlockingIOError:
                 return
             except OSError as e:
+                # Out of descriptors or memory: try again on the next wakeup.
+                # Anything else (ECONNABORTED, EPROTO, ...) concerns that one
+                # connection only; accept(2) says to treat it like EAGAIN.
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warn("accept() failed: {error}", error=e)
                     return
-                raise
+                continue
             with client:
                 self._send(client, targets)
 
@@ -120,15 +123,18 @@ class ConnectionDispatcher:
             channel = targets[(self._next + attempt) % len(targets)]
             try:
                 socket.send_fds(channel, [b"c"], [client.fileno()])
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                continue  # that worker is busy or gone: try the next one
+            except OSError:  # that worker is busy, gone, or over its fd limit
+                continue
             self._next = (self._next + attempt + 1) % len(targets)
             self.dispatched += 1
             return
         log.warn("no worker could take a connection; dropped it")
 
     def connectionLost(self, reason: Any) -> None:
-        self.close()
+        """doRead raised: Twisted has dropped us from the reactor."""
+        log.failure("the connection dispatcher failed; resuming", reason)
+        self.reading = False
+        self._reactor.callLater(0.1, self.start)
 
 
 @implementer(IReadDescriptor, IListeningPort)
@@ -188,9 +194,14 @@ class ConnectionReceiver:
             self.adopted += 1
         except OSError as e:  # the client went away meanwhile
             log.debug("could not adopt a connection: {error}", error=e)
+        except Exception:
+            log.failure("could not adopt a connection")
         finally:
             os.close(fd)
 
     def connectionLost(self, reason: Any) -> None:
-        pass
+        """doRead raised: Twisted has dropped us from the reactor."""
+        log.failure("receiving connections failed; resuming", reason)
+        if self._channel.fileno() >= 0:
+            self._reactor.callLater(0.1, self._reactor.addReader, self)
 

@@ -10,9 +10,10 @@ tells a worker that its master is gone.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.address import _ProcessAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessTransport, ITransport
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -43,6 +44,11 @@ class Heartbeat(amp.Command):
     """Worker -> master: the reactor is alive."""
 
     requiresAnswer = False
+
+
+class Stopping(amp.Command):
+    """Worker -> master: I am shutting down; send me no more connections.
+    The answer means the master has taken the worker out of its rotation."""
 
 
 class StartCron(amp.Command):
@@ -89,10 +95,12 @@ class _QuietAMP(amp.AMP):
 class MasterSide(_QuietAMP):
     """The master's end of one worker's channel."""
 
-    def __init__(self, on_ready: Callable[[], None], on_heartbeat: Callable[[], None]):
+    def __init__(self, on_ready: Callable[[], None], on_heartbeat: Callable[[], None],
+                 on_stopping: Callable[[], None]):
         super().__init__()
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
+        self._on_stopping = on_stopping
 
     @Ready.responder
     def ready(self) -> dict:
@@ -102,6 +110,11 @@ class MasterSide(_QuietAMP):
     @Heartbeat.responder
     def heartbeat(self) -> dict:
         self._on_heartbeat()
+        return {}
+
+    @Stopping.responder
+    def stopping(self) -> dict:
+        self._on_stopping()
         return {}
 
     def start_cron(self) -> None:
@@ -126,6 +139,12 @@ class WorkerSide(_QuietAMP):
 
     def heartbeat(self) -> None:
         self.callRemote(Heartbeat)
+
+    def report_stopping(self, clock: Any, timeout: float = 1.0) -> Deferred:
+        """Tell the master we are stopping; fires once it has answered
+        (or after C{timeout}, or at once if the master is gone)."""
+        return (self.callRemote(Stopping).addTimeout(timeout, clock)
+                .addErrback(lambda failure: None))
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

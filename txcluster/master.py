@@ -58,6 +58,7 @@ class BoundService(MultiService):
         self.exit_status = ExitStatus.OK
         self.listening: Optional[IListeningPort] = None
         self._stop_requests = 0
+        self._stopping = False
 
     def privilegedStartService(self) -> None:
         if self.listening is None:
@@ -100,9 +101,19 @@ class BoundService(MultiService):
         self._stop_requests += 1
         if self._stop_requests == 1:
             log.info("graceful shutdown (send SIGINT again to stop at once)")
-            self.reactor.stop()
+            self.stop_reactor()
         else:
             self.stop_now()
+
+    def stop_reactor(self) -> None:
+        """Stop the reactor once, whoever asks (signal, crash loop, failure)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stop_now(self) -> None:
         """Stop without waiting for in-flight requests."""
@@ -159,8 +170,7 @@ class MasterService(BoundService):
 
     def _crash_loop(self) -> None:
         self.exit_status = ExitStatus.CRASH_LOOP
-        if self.reactor.running:
-            self.reactor.stop()
+        self.stop_reactor()
 
     # Signals ------------------------------------------------------------------
 
@@ -226,7 +236,4 @@ class SingleProcessService(BoundService):
 
     def _start_failed(self, failure: Any) -> None:
         self.exit_status = self.worker.exit_status
-        if self.reactor.running:
-            self.reactor.stop()
-        else:
-            self.reactor.callWhenRunning(self.reactor.stop)
+        self.stop_reactor()

@@ -327,8 +327,15 @@ def resolve(
     if env_file:
         _load_env_file(env_file, environ)
 
-    config_path = command_line.get("config") or environ.get("TXCLUSTER_CONFIG") or None
+    config_path = command_line.get("config")
     config_values = _config_file_values(config_path) if config_path else {}
+    if not config_path and environ.get("TXCLUSTER_CONFIG"):
+        config_path = environ["TXCLUSTER_CONFIG"]
+        try:
+            config_values = _config_file_values(config_path)
+        except usage.UsageError as e:  # a bad environment value warns
+            warnings.append(f"ignoring TXCLUSTER_CONFIG: {e}")
+            config_path = None
 
     def from_config_file(setting: Setting) -> Any:
         text = config_values.get(setting.name)

@@ -36,7 +36,8 @@ class WorkerProcessProtocol(ProcessProtocol):
         #: round-robin mode: the master's end of the worker's connection channel
         self.connections = connections
         self._tail = OutputTail()
-        self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat)
+        self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat,
+                                   on_stopping=worker.leaving)
         self._output = {
             1: LineSplitter(self._stdout_line),
             2: LineSplitter(self._stderr_line),
@@ -112,6 +113,10 @@ class WorkerSpawner:
             protocol = WorkerProcessProtocol(worker)
         try:
             self._spawn(protocol, worker.id, count, child_fds)
+        except BaseException:
+            if protocol.connections is not None:
+                protocol.connections.close()
+            raise
         finally:
             if theirs is not None:
                 theirs.close()  # the worker has its copy now

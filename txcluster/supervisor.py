@@ -52,14 +52,18 @@ class ExitInfo:
 
     status: Optional[int] = None
     signal: Optional[int] = None
+    #: why it never ran (spawnProcess itself failed)
+    error: Optional[str] = None
 
     def __str__(self) -> str:
+        if self.error is not None:
+            return f"could not start: {self.error}"
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = str(self.signal)
-            return f"killed by signal {self.signal} ({name})"
+            return f"exited on signal {self.signal} ({name})"
         return f"exited with status {self.status}"
 
 
@@ -118,6 +122,10 @@ class Worker:
 
     def heartbeat(self) -> None:
         self.last_heard = self._supervisor.clock.seconds()
+
+    def leaving(self) -> None:
+        """The worker is shutting down (told to, or on its own)."""
+        self.retiring = True
 
     def exited(self, info: ExitInfo) -> None:
         self.exit = info
@@ -196,6 +204,7 @@ class Supervisor:
         self._on_all_ready = on_all_ready
         self._on_worker_ready = on_worker_ready
         self._respawns: Dict[int, IDelayedCall] = {}
+        self._last_fast_crash = float("-inf")
         self._watchdog = LoopingCall(self._check_silence)
         self._watchdog.clock = clock
 
@@ -214,9 +223,21 @@ class Supervisor:
     def _start_process(self, worker_id: int) -> Worker:
         worker = Worker(self, worker_id, self.clock.seconds())
         self.processes.append(worker)
-        worker.process = self._spawn(worker, self._count)
+        try:
+            worker.process = self._spawn(worker, self._count)
+        except Exception as e:  # EMFILE, EAGAIN: counts as a fast crash
+            log.error("cannot start worker {id}: {error}", id=worker_id, error=e)
+            self.clock.callLater(0, worker.exited, ExitInfo(error=str(e)))
+            return worker
         log.info("worker {id} (pid {pid}) started", id=worker_id, pid=worker.pid)
+        self.clock.callLater(self.policy.fast_crash_seconds, self._survived, worker)
         return worker
+
+    def _survived(self, worker: Worker) -> None:
+        """A worker started since the last fast crash lived long enough:
+        whatever was crashing has stopped, so the count starts again."""
+        if worker.alive and worker.started_at >= self._last_fast_crash:
+            self.fast_crashes = 0
 
     def worker_ready(self, worker: Worker) -> None:
         log.info("worker {id} (pid {pid}) ready", id=worker.id, pid=worker.pid)
@@ -232,7 +253,8 @@ class Supervisor:
         process, once ready; none while stopping."""
         if self.stopping:
             return []
-        return [w for w in self.slots.values() if w is not None and w.is_ready]
+        return [w for w in self.slots.values()
+                if w is not None and w.is_ready and not w.retiring]
 
     def _all_ready(self) -> bool:
         return all(w is not None and w.is_ready for w in self.slots.values())
@@ -248,6 +270,7 @@ class Supervisor:
         self.slots[worker.id] = None
         if uptime < self.policy.fast_crash_seconds:
             self.fast_crashes += 1
+            self._last_fast_crash = self.clock.seconds()
         else:
             self.fast_crashes = 0
         if self.fast_crashes >= max(1, self.count):
@@ -263,6 +286,7 @@ class Supervisor:
             self.slots[worker_id] = self._start_process(worker_id)
 
     def _crash_loop(self, last: Worker) -> None:
+        self.stopping = True  # respawn nothing more; the master stops the rest
         log.critical(
             "crash loop: {n} workers in a row died within {s:.0f}s of starting; "
             "giving up", n=self.fast_crashes, s=self.policy.fast_crash_seconds)
@@ -286,7 +310,7 @@ class Supervisor:
         now = self.clock.seconds()
         for worker in list(self.processes):
             silent = now - worker.last_heard
-            if worker.alive and not worker.retiring and silent > self.policy.silence_timeout:
+            if worker.alive and silent > self.policy.silence_timeout:
                 log.warn("{worker!r} silent for {silent:.1f}s (timeout {timeout}s); killing it",
                          worker=worker, silent=silent, timeout=self.policy.silence_timeout)
                 worker.last_heard = now  # one kill per timeout
@@ -381,8 +405,10 @@ class Supervisor:
         self._assign_cron()
         return True
 
-    def scale_up(self) -> int:
+    def scale_up(self) -> Optional[int]:
         """Add a worker with the lowest free id; return the id."""
+        if self.stopping:
+            return None
         worker_id = next(i for i in range(1, self.count + 2) if i not in self.slots)
         log.info("adding worker {id}", id=worker_id)
         self._count += 1
@@ -391,7 +417,7 @@ class Supervisor:
 
     def scale_down(self) -> Optional[int]:
         """Retire the highest worker id (never the last one)."""
-        if self.count <= 1:
+        if self.count <= 1 or self.stopping:
             log.info("not removing the last worker")
             return None
         worker_id = max(self.slots)

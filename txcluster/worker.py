@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,8 +32,10 @@ log = Logger(namespace="txcluster.worker")
 #: How the worker gets its listening port: given the site, return the port.
 Listen = Callable[[IProtocolFactory], IListeningPort]
 
-#: How long an orphaned worker (its master is gone) lets requests finish.
+#: How long an orphaned worker (its master is gone) lets requests finish,
+#: and when it exits whatever is left: the contract says within 2 s.
 ORPHAN_DRAIN_SECONDS = 1.0
+ORPHAN_EXIT_SECONDS = 1.8
 
 class WorkerService(Service):
     """Serve the app in this process, start to finish."""
@@ -125,12 +127,18 @@ class WorkerService(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self.cron is not None:
-            await self.cron.stop()
+        """Stop accepting at once; then, within C{drain_seconds}, let the
+        requests in flight and a cron run in progress finish; then hooks."""
         if self.port is not None:
             await self.port.stopListening()
-        if self.site is not None:
-            await self._drain(self.site)
+        finishing = [self._drain(self.site)] if self.site is not None else []
+        if self.cron is not None:
+            finishing.append(self.cron.stop())
+        in_time = await self._within_drain_deadline(DeferredList(finishing))
+        if not in_time and self.site is not None:
+            log.warn("{count} connections still open after {seconds}s; closing them",
+                     count=len(self.site.channels), seconds=self.drain_seconds)
+            self.site.abort()
         if self.cluster is not None and self.started.called:
             for hook in self.cluster.shutdown_hooks:
                 try:
@@ -142,20 +150,24 @@ class WorkerService(Service):
 
             await disconnect(self.redis)
 
-    async def _drain(self, site: ClusterSite) -> None:
-        """Let in-flight requests finish, up to C{drain_seconds}."""
-        drained = site.drain()
-        if drained.called:
-            return
-        deadline = self.reactor.callLater(self.drain_seconds, drained.cancel)
-        try:
-            await drained
-        except Exception:
-            log.warn("{count} connections still open after {seconds}s; closing them",
-                     count=len(site.channels), seconds=self.drain_seconds)
-            site.abort()
-        else:
+    def _drain(self, site: ClusterSite) -> Deferred:
+        return site.drain()
+
+    async def _within_drain_deadline(self, finishing: Deferred) -> bool:
+        """Wait for C{finishing}, no longer than C{drain_seconds}: True if
+        it finished in time."""
+        outcome: Deferred = Deferred()
+
+        def settle(in_time: bool) -> None:
+            if not outcome.called:
+                outcome.callback(in_time)
+
+        finishing.addBoth(lambda _: settle(True))
+        deadline = self.reactor.callLater(self.drain_seconds, settle, False)
+        in_time = await outcome
+        if deadline.active():
             deadline.cancel()
+        return in_time
 
 
 # The worker process --------------------------------------------------------
@@ -205,7 +217,11 @@ def main() -> None:
         return port
 
     def master_lost() -> None:
-        if reactor.running and not stopping:
+        if not reactor.running:
+            return
+        service.drain_seconds = min(service.drain_seconds, ORPHAN_DRAIN_SECONDS)
+        reactor.callLater(ORPHAN_EXIT_SECONDS, os._exit, int(ExitStatus.OK))
+        if not stopping:
             log.warn("master (pid {pid}) is gone; shutting down", pid=master_pid)
             reactor.stop()
 
@@ -220,13 +236,13 @@ def main() -> None:
     stopping = False
 
     def on_shutdown() -> Deferred:
+        # Heartbeats go on while draining: a long drain is not a hang.
         nonlocal stopping
         stopping = True
-        if heartbeat.running:
-            heartbeat.stop()
-        if os.getppid() != master_pid:
-            service.drain_seconds = min(service.drain_seconds, ORPHAN_DRAIN_SECONDS)
-        return service.stopService()
+        if os.getppid() != master_pid:  # PR_SET_PDEATHSIG's SIGTERM
+            master_lost()
+        left = control.report_stopping(reactor)
+        return left.addCallback(lambda _: service.stopService())
 
     def on_start_failed(failure: Any) -> None:
         if reactor.running:
