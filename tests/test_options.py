@@ -7,7 +7,7 @@ import tempfile
 from twisted.python import usage
 from twisted.trial import unittest
 
-from txcluster.options import ClusterOptions, Settings
+from txcluster.options import SETTINGS, ClusterOptions, Settings
 
 
 def parse(argv=(), environ=None, cpus=3):
@@ -215,6 +215,13 @@ class EnvFileTests(unittest.TestCase):
 
 
 class SettingsTests(unittest.TestCase):
+    def test_defaults_agree_with_the_table(self):
+        defaults = Settings()
+        for setting in SETTINGS:
+            if setting.default is not None:
+                self.assertEqual(getattr(defaults, setting.attribute), setting.default,
+                                 setting.name)
+
     def test_json_round_trip(self):
         settings = Settings(workers=3, redis="redis://x", warnings=("w",))
         copy = Settings.from_json(settings.to_json())

@@ -27,6 +27,12 @@ class ExitStatus(IntEnum):
     APP_LOAD_ERROR = 4  # --app could not be imported or is not servable
 
 
+def heartbeat_interval(timeout: float) -> float:
+    """How often a worker beats (and the master checks), for a silence
+    C{timeout}: often enough that one late beat never looks like a hang."""
+    return max(0.05, min(1.0, timeout / 5))
+
+
 #: File descriptors as the worker sees them.
 LISTEN_FD = 3
 CONTROL_FROM_WORKER = 4  # the worker writes, the master reads

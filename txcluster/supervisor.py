@@ -11,6 +11,7 @@ and fake processes.  L{txcluster.process} supplies the real processes.
 from __future__ import annotations
 
 import signal
+import socket
 from typing import Callable, Dict, List, Optional, Protocol
 
 import attr
@@ -18,6 +19,8 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from .control import heartbeat_interval
 
 log = Logger(namespace="txcluster.master")
 
@@ -71,6 +74,8 @@ class ProcessHandle(Protocol):
     """What the supervisor needs of a running worker process."""
 
     pid: int
+    #: round-robin mode: the master's end of the worker's connection channel
+    connections: Optional[socket.socket]
 
     def signal(self, signum: int) -> None: ...
 
@@ -216,7 +221,7 @@ class Supervisor:
     def start(self) -> None:
         for worker_id in range(1, self._count + 1):
             self.slots[worker_id] = self._start_process(worker_id)
-        self._watchdog.start(max(0.05, min(1.0, self.policy.silence_timeout / 5)), now=False)
+        self._watchdog.start(heartbeat_interval(self.policy.silence_timeout), now=False)
 
     # Process lifecycle --------------------------------------------------------
 

@@ -94,7 +94,6 @@ class ClusterSite(Site):
 
     def buildProtocol(self, addr) -> DrainableChannel:
         channel = super().buildProtocol(addr)
-        channel.site = self
         self.channels.add(channel)
         return channel
 
@@ -120,6 +119,9 @@ class ClusterSite(Site):
             channel.transport.abortConnection()
 
     # Access log -------------------------------------------------------------
+    # HTTPFactory's startFactory/stopFactory only open and close its own
+    # log file, and its log() writes to the legacy log unless given a path;
+    # this class owns the access log instead, so it does not call them.
 
     def startFactory(self) -> None:
         if self._access_log not in (None, "-"):

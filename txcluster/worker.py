@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from .app import Cluster, WorkerInfo, call_job, load_app
 from .cron import CronService, RunGuard, run_unguarded
-from .control import ExitStatus
+from .control import ExitStatus, heartbeat_interval
 from .options import Settings
 from .web import ClusterSite
 
@@ -260,11 +260,6 @@ def main() -> None:
     reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
     reactor.run()
     sys.exit(int(service.exit_status))
-
-
-def heartbeat_interval(timeout: float) -> float:
-    """Beat often enough that one late beat never looks like a hang."""
-    return max(0.05, min(1.0, timeout / 5))
 
 
 if __name__ == "__main__":
