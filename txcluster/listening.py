@@ -52,14 +52,15 @@ def bind(reactor: Any, description: str) -> IListeningPort:
     outcome: List[Any] = []
     endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - every supported endpoint is synchronous
-        raise StartupError(f"cannot listen on {description}: endpoint is asynchronous")
+        raise StartupError(f"endpoint is asynchronous (--listen {description})")
     result = outcome[0]
     if not IListeningPort.providedBy(result):
         error = result.value
         reason = error
         if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
             reason = error.socketError.strerror or error.socketError
-        raise StartupError(f"cannot listen on {description}: {reason}")
+        # The reason first: a daemonizing twistd shows only 100 bytes.
+        raise StartupError(f"{reason} (--listen {description})")
     result.stopReading()
     return result
 
