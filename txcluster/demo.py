@@ -120,10 +120,12 @@ async def flushed_views(request):
 
 @cluster.on_startup
 async def open_store() -> None:
+    """With Redis, open the SQLite store and schedule the flush."""
     global store
     if cluster.redis is not None:
         store = ViewStore(cluster.settings.demo_db)
         await store.create()
+        cluster.cron(seconds=FLUSH_SECONDS, lock=True)(flush_views)
 
 
 @cluster.on_shutdown
@@ -132,11 +134,9 @@ def close_store() -> None:
         store.close()
 
 
-@cluster.cron(seconds=FLUSH_SECONDS, lock=True)
 async def flush_views() -> None:
-    """Move the view counts from Redis into SQLite, each batch exactly once."""
-    if cluster.redis is None:
-        return
+    """Move the view counts from Redis into SQLite, each batch exactly once
+    (a cron job with C{lock=True}: once per tick across hosts)."""
     # Batches a previous flush left behind (it died mid-way) go first.
     # KEYS is fine for the handful of keys this demo makes.
     for batch in await cluster.redis.keys(BATCH_PREFIX + "*"):

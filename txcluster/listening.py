@@ -12,6 +12,7 @@ only C{close()} their own copy.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, List
 
@@ -39,7 +40,8 @@ def describe(port: IListeningPort) -> str:
     host = port.getHost()
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}"
-    return str(getattr(host, "name", host))
+    name = getattr(host, "name", host)  # a Unix socket's path
+    return os.fsdecode(name) if isinstance(name, bytes) else str(name)
 
 
 def bind(reactor: Any, description: str) -> IListeningPort:

@@ -92,9 +92,10 @@ class WorkerService(Service):
         cluster.settings = self.settings
         if self.settings.redis:
             cluster.redis = self.redis = await self._connect_redis(self.settings.redis)
-        self.cron = CronService(cluster.cron_jobs, self.reactor, self._cron_guard(cluster))
         for hook in cluster.startup_hooks:
             await call_job(hook)
+        # After the hooks, so that a hook may add cron jobs.
+        self.cron = CronService(cluster.cron_jobs, self.reactor, self._cron_guard(cluster))
         self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log)
         self.port = self._listen(self.site)
 

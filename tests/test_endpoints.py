@@ -1,0 +1,105 @@
+"""
+Endpoint types other than tcp: a Unix socket and TLS, served by workers in
+both balance modes.
+"""
+
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import ssl
+
+from txcluster.testing import wait_until
+
+from .integration import ClusterTestCase
+
+
+def get_over_unix_socket(path: str) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        response = b""
+        while chunk := s.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)
+
+
+def self_signed(directory: str) -> tuple:
+    """A throwaway key and certificate for 127.0.0.1, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256()))
+    key_path = os.path.join(directory, "key.pem")
+    cert_path = os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class UnixSocketTests(ClusterTestCase):
+    def test_workers_serve_a_unix_socket(self):
+        path = self.path("tx.sock")
+        cluster = self.start(app=None, workers=2, listen=f"unix:{path}")
+        self.assertIn(f"listening on {path}", cluster.output)
+        seen = set()
+        wait_until(lambda: seen.add(get_over_unix_socket(path)["worker"]) or len(seen) == 2,
+                   20, "both workers over the unix socket")
+
+
+class TLSTests(ClusterTestCase):
+    def test_workers_terminate_tls(self):
+        key, cert = self_signed(self.directory())
+        cluster = self.start(app=None, workers=2,
+                             listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+        port = int(cluster.url.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=cert)
+        seen = set()
+
+        def get() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    response = b""
+                    while chunk := tls.recv(65536):
+                        response += chunk
+            self.assertTrue(response.startswith(b"HTTP/1.0 200"), response[:100])
+            seen.add(json.loads(response.partition(b"\r\n\r\n")[2])["worker"])
+            return len(seen) == 2
+
+        wait_until(get, 20, "both workers over TLS")
+
+    def test_missing_certificate_is_a_usage_error(self):
+        cluster = self.start(app=None, workers=1, ready=0,
+                             listen="ssl:0:privateKey=/no/key.pem:interface=127.0.0.1")
+        self.assertNotEqual(cluster.wait_exit(20), 0)
+        self.assertIn("--listen", cluster.output)
+        self.assertNotIn("Traceback", cluster.output)
+
+
+class KernelBalanceUnixSocketTests(UnixSocketTests):
+    cluster_args = ("--balance", "kernel")
+
+
+class KernelBalanceTLSTests(TLSTests):
+    cluster_args = ("--balance", "kernel")
