@@ -91,6 +91,17 @@ class TLSTests(ClusterTestCase):
 
         wait_until(get, 20, "both workers over TLS")
 
+    def test_single_process_terminates_tls(self):
+        key, cert = self_signed(self.directory())
+        cluster = self.start(app=None, workers=0,
+                             listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+        port = int(cluster.url.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=cert)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                self.assertTrue(tls.recv(100).startswith(b"HTTP/1.0 200"))
+
     def test_missing_certificate_is_a_usage_error(self):
         cluster = self.start(app=None, workers=1, ready=0,
                              listen="ssl:0:privateKey=/no/key.pem:interface=127.0.0.1")

@@ -104,6 +104,12 @@ class EnvironmentTests(unittest.TestCase):
         settings = parse(environ={"PORT": "5000", "TXCLUSTER_LISTEN": "tcp:6000"})
         self.assertEqual(settings.listen, "tcp:6000")
 
+    def test_unparseable_listen_variable_warns(self):
+        for value in ["tcp:abc", "nonsense"]:
+            settings = parse(environ={"TXCLUSTER_LISTEN": value})
+            self.assertEqual(settings.listen, "tcp:8080")
+            self.assertIn("TXCLUSTER_LISTEN", settings.warnings[0])
+
     def test_bad_port_warns(self):
         settings = parse(environ={"PORT": "http"})
         self.assertEqual(settings.listen, "tcp:8080")
@@ -176,6 +182,11 @@ class ConfigFileTests(unittest.TestCase):
         error = self.assertRaises(usage.UsageError, parse, ["--config", path])
         self.assertIn("wrokers", str(error))
         self.assertIn(path, str(error))
+
+    def test_bad_endpoint_in_config_file(self):
+        path = self.write("[txcluster]\nlisten = tcp:abc\n")
+        error = self.assertRaises(usage.UsageError, parse, ["--config", path])
+        self.assertIn("listen = 'tcp:abc'", str(error))
 
     def test_bad_value_names_key_and_value(self):
         path = self.write("[txcluster]\nworkers = -3\n")

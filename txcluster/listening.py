@@ -16,7 +16,6 @@ import os
 import socket
 from typing import Any, List
 
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, ServerFactory
@@ -50,6 +49,8 @@ def bind(reactor: Any, description: str) -> IListeningPort:
 
     @raise StartupError: the address is in use, not permitted, or invalid.
     """
+    from twisted.internet.endpoints import serverFromString
+
     endpoint = serverFromString(reactor, description)
     outcome: List[Any] = []
     endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
@@ -94,6 +95,7 @@ def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Fa
     """For C{ssl:} endpoints, wrap the factory in TLS like the endpoint would."""
     if not description.startswith("ssl:"):
         return factory
+    from twisted.internet.endpoints import serverFromString
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     endpoint = serverFromString(reactor, description)

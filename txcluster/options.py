@@ -18,7 +18,6 @@ import re
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
 import attr
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 DEFAULT_APP = "txcluster.demo:cluster"
@@ -70,7 +69,17 @@ def parse_positive_seconds(text: str) -> float:
 
 
 def parse_endpoint(text: str) -> str:
+    """The shape of a server endpoint description, C{type:...}; Twisted's
+    own parser checks the rest once the layers are merged (L{check_endpoint})."""
+    if not re.match(r"[A-Za-z][A-Za-z0-9_+.-]*:", text):
+        raise BadValue("not a server endpoint (expected TYPE:..., e.g. tcp:8080)")
+    return text
+
+
+def check_endpoint(text: str) -> str:
     """A Twisted server endpoint description, checked by Twisted's parser."""
+    from twisted.internet.endpoints import serverFromString
+
     try:
         # Parsing only: no endpoint built here is ever listened on, so no
         # reactor is needed (and importing one would pre-empt twistd -r).
@@ -313,6 +322,7 @@ def resolve(
     command_line: Mapping[str, Any],
     environ: MutableMapping[str, str],
     cpu_count: Callable[[], int] = usable_cpus,
+    sources: Optional[dict] = None,
 ) -> Settings:
     """
     Merge the layers into L{Settings}.
@@ -320,7 +330,10 @@ def resolve(
     @param command_line: values given on the command line, by setting name,
         already parsed; absent or C{None} means not given.
     @param environ: the environment; C{--env-file} is loaded into it.
+    @param sources: if given, filled with where each value came from: the
+        option (C{--name}), the variable, C{config} or C{default}.
     """
+    sources = {} if sources is None else sources
     warnings: list[str] = []
 
     env_file = command_line.get("env-file")
@@ -354,22 +367,27 @@ def resolve(
             if not text:
                 continue
             try:
-                return parse(text)
+                value = parse(text)
             except BadValue as e:
                 fallback = "config file" if setting.name in config_values else "default"
                 warnings.append(f"ignoring {variable}={text!r}: {e}; using the {fallback}")
                 return None
+            sources[setting.name] = variable
+            return value
         return None
 
     resolved: dict[str, Any] = {}
     for setting in SETTINGS:
         value = command_line.get(setting.name)
+        sources[setting.name] = f"--{setting.name}"
         if value is None:
             value = from_environment(setting)
         if value is None:
             value = from_config_file(setting)
+            sources[setting.name] = "config"
         if value is None:
             value = setting.default
+            sources[setting.name] = "default"
         resolved[setting.attribute] = value
 
     if resolved["workers"] is None:
@@ -414,4 +432,25 @@ class ClusterOptions(usage.Options):
                 given[setting.name] = setting.parse(value)
             except BadValue as e:
                 raise usage.UsageError(f"--{setting.name} {value!r}: {e}") from None
-        self.settings = resolve(given, self._environ, self._cpu_count)
+        sources: dict = {}
+        settings = resolve(given, self._environ, self._cpu_count, sources)
+        self.before_endpoint_check(settings)
+        self.settings = self._check_listen(settings, sources["listen"])
+
+    def before_endpoint_check(self, settings: Settings) -> None:
+        """Runs before Twisted's endpoint parser is first imported."""
+
+    @staticmethod
+    def _check_listen(settings: Settings, source: str) -> Settings:
+        try:
+            check_endpoint(settings.listen)
+        except BadValue as e:
+            if source.startswith("--"):
+                raise usage.UsageError(f"--listen {settings.listen!r}: {e}") from None
+            if source == "config":
+                raise usage.UsageError(f"--config {settings.config}: "
+                                       f"listen = {settings.listen!r}: {e}") from None
+            warning = f"ignoring {source}={settings.listen!r}: {e}; using the default"
+            return attr.evolve(settings, listen=_BY_NAME["listen"].default,
+                               warnings=settings.warnings + (warning,))
+        return settings
