@@ -64,19 +64,24 @@ def twistd_command() -> list:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def _check(condition: Callable[[], Optional[T]], deadline: float, timeout: float,
+           what: str, describe: Callable[[], str]) -> Optional[T]:
+    """One poll: the condition's value, or ClusterTimeout once past the deadline."""
+    result = condition()
+    if not result and time.monotonic() > deadline:
+        raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
+    return result
+
+
 def wait_until(
     condition: Callable[[], Optional[T]], timeout: float, what: str,
     describe: Callable[[], str] = lambda: "", interval: float = 0.05,
 ) -> T:
     """Poll C{condition} until it returns something truthy, for C{timeout}s."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
+    while not (result := _check(condition, deadline, timeout, what, describe)):
         time.sleep(interval)
+    return result
 
 
 async def eventually(
@@ -89,13 +94,9 @@ async def eventually(
     from twisted.internet.task import deferLater
 
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise ClusterTimeout(f"timed out after {timeout}s waiting for {what}\n{describe()}")
+    while not (result := _check(condition, deadline, timeout, what, describe)):
         await deferLater(reactor, interval, lambda: None)
+    return result
 
 
 def pid_alive(pid: int) -> bool:
