@@ -274,3 +274,20 @@ class KernelBalanceServingTests(ServingTests):
     """The same, with workers accepting on the shared socket."""
 
     cluster_args = ("--balance", "kernel")
+
+
+class SystemdNotifyTests(ClusterTestCase):
+    def test_ready_only_when_every_worker_is_ready(self):
+        path = self.path("notify.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.settimeout(20)
+        cluster = self.start(workers=3, ready=0, env={"NOTIFY_SOCKET": path})
+        message = listener.recv(4096).decode()
+        ready = cluster.ready_workers()  # read after READY=1 arrived
+        self.assertTrue(message.startswith("READY=1\n"), message)
+        self.assertIn("STATUS=3 workers ready", message)
+        self.assertEqual(sorted(ready), [1, 2, 3])
+        cluster.signal(signal.SIGTERM)
+        self.assertEqual(listener.recv(4096), b"STOPPING=1")

@@ -141,7 +141,7 @@ class MasterService(BoundService):
             self.settings.workers,
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,
-            on_all_ready=lambda: notify_systemd(b"READY=1"),
+            on_all_ready=self._all_ready,
             on_worker_ready=lambda worker: self._start_dispatching(),
         )
         if self.settings.balance == ROUND_ROBIN:
@@ -167,6 +167,11 @@ class MasterService(BoundService):
             self.dispatcher.close()
         return self.supervisor.stop().addCallback(
             lambda _: log.info("all workers stopped; master exiting"))
+
+    def _all_ready(self) -> None:
+        """systemd hears READY=1 only now, not when the master starts."""
+        notify_systemd(f"READY=1\nSTATUS={self.supervisor.count} workers ready on "
+                       f"{describe(self.listening)}".encode())
 
     def _crash_loop(self) -> None:
         self.exit_status = ExitStatus.CRASH_LOOP
