@@ -85,6 +85,17 @@ class ServingTests(ClusterTestCase):
 
 
 class PluginTests(ClusterTestCase):
+    def test_scaling_updates_every_workers_count(self):
+        cluster = self.start(app=None, workers=2)
+        cluster.signal(signal.SIGTTIN)
+        cluster.wait_for_log(r"worker 3 \(pid \d+\) ready")
+        counts = {}
+        deadline = time.monotonic() + 20
+        while len(counts) < 3 and time.monotonic() < deadline:
+            body = cluster.get_json("/")
+            counts[body["worker"]] = body["workers"]
+        self.assertEqual(counts, {1: 3, 2: 3, 3: 3})
+
     def test_twistd_and_twist_list_the_plugin(self):
         twist = os.path.join(os.path.dirname(twistd_command()[0]), "twist")
         for command in (twistd_command(), [twist]):

@@ -21,12 +21,16 @@ class FakeProcess:
         self.count = count
         self.signals = []
         self.cron_started = 0
+        self.counts_told = []
 
     def signal(self, signum):
         self.signals.append(signum)
 
     def start_cron(self):
         self.cron_started += 1
+
+    def tell_count(self, count):
+        self.counts_told.append(count)
 
     def output_tail(self):
         return [f"Traceback of {self.pid}", "ImportError: no module named nope"]
@@ -284,6 +288,14 @@ class ScaleTests(unittest.TestCase):
         h.clock.advance(60)
         self.assertEqual(len(h.spawned), 3)  # a removed worker is not respawned
         self.assertEqual(h.supervisor.count, 2)
+
+    def test_workers_learn_the_new_count(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        h.supervisor.scale_up()
+        self.assertEqual([p.counts_told for p in h.spawned[:2]], [[3], [3]])
+        h.supervisor.scale_down()
+        self.assertEqual([p.counts_told for p in h.spawned[:2]], [[3, 2], [3, 2]])
 
     def test_never_removes_last_worker(self):
         h = Harness(count=1)

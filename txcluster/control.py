@@ -57,6 +57,13 @@ class Stopping(amp.Command):
     The answer means the master has taken the worker out of its rotation."""
 
 
+class WorkerCount(amp.Command):
+    """Master -> worker: the cluster now has C{count} workers."""
+
+    arguments = [(b"count", amp.Integer())]
+    requiresAnswer = False
+
+
 class StartCron(amp.Command):
     """Master -> worker: you are worker 1 now; start the cron jobs."""
 
@@ -126,18 +133,28 @@ class MasterSide(_QuietAMP):
     def start_cron(self) -> None:
         self.callRemote(StartCron)
 
+    def tell_count(self, count: int) -> None:
+        self.callRemote(WorkerCount, count=count)
+
 
 class WorkerSide(_QuietAMP):
     """A worker's end of its channel to the master."""
 
-    def __init__(self, on_start_cron: Callable[[], None], on_master_lost: Callable[[], None]):
+    def __init__(self, on_start_cron: Callable[[], None], on_master_lost: Callable[[], None],
+                 on_count: Callable[[int], None]):
         super().__init__()
         self._on_start_cron = on_start_cron
         self._on_master_lost = on_master_lost
+        self._on_count = on_count
 
     @StartCron.responder
     def start_cron(self) -> dict:
         self._on_start_cron()
+        return {}
+
+    @WorkerCount.responder
+    def worker_count(self, count: int) -> dict:
+        self._on_count(count)
         return {}
 
     def report_ready(self) -> None:

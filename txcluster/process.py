@@ -54,6 +54,9 @@ class WorkerProcessProtocol(ProcessProtocol):
     def start_cron(self) -> None:
         self._control.start_cron()
 
+    def tell_count(self, count: int) -> None:
+        self._control.tell_count(count)
+
     def output_tail(self) -> List[str]:
         return self._tail.lines()
 

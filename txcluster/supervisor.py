@@ -81,6 +81,8 @@ class ProcessHandle(Protocol):
 
     def start_cron(self) -> None: ...
 
+    def tell_count(self, count: int) -> None: ...
+
     def output_tail(self) -> List[str]: ...
 
 
@@ -417,6 +419,7 @@ class Supervisor:
         worker_id = next(i for i in range(1, self.count + 2) if i not in self.slots)
         log.info("adding worker {id}", id=worker_id)
         self._count += 1
+        self._tell_count()
         self.slots[worker_id] = self._start_process(worker_id)
         return worker_id
 
@@ -434,4 +437,11 @@ class Supervisor:
         log.info("removing worker {id}", id=worker_id)
         if worker is not None:
             self._retire(worker)
+        self._tell_count()
         return worker_id
+
+    def _tell_count(self) -> None:
+        """Every worker that keeps serving learns the new worker count."""
+        for worker in self.slots.values():
+            if worker is not None and worker.process is not None and worker.alive:
+                worker.process.tell_count(self._count)

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any, Callable, Optional
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -115,6 +116,14 @@ class WorkerService(Service):
             log.warn("cron jobs {jobs} ask for lock=True but there is no --redis: "
                      "they run in worker 1 of this host only", jobs=", ".join(locked))
         return run_unguarded
+
+    def set_count(self, count: int) -> None:
+        """The cluster was scaled: C{cluster.worker.count} and the
+        environment follow."""
+        self.info = attr.evolve(self.info, count=count)
+        os.environ["TXCLUSTER_WORKERS"] = str(count)
+        if self.cluster is not None:
+            self.cluster.worker = self.info
 
     def start_cron(self) -> None:
         """Run this app's cron jobs here (worker 1, or the single process)."""
@@ -227,7 +236,8 @@ def main() -> None:
             reactor.stop()
 
     control = WorkerSide(on_start_cron=lambda: service.start_cron(),
-                         on_master_lost=master_lost)
+                         on_master_lost=master_lost,
+                         on_count=lambda count: service.set_count(count))
     service = WorkerService(reactor, settings, info, listen,
                             on_ready=control.report_ready)
     StandardIO(control, stdin=CONTROL_TO_WORKER, stdout=CONTROL_FROM_WORKER,
