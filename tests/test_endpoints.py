@@ -17,17 +17,31 @@ from txcluster.testing import twistd_command, wait_until
 from .integration import ROOT, ClusterTestCase, clean_environment
 
 
+def get_json(connected: socket.socket, path: str = "/") -> dict:
+    """One HTTP/1.0 GET on a connected socket (plain or TLS): the JSON body
+    of a 200 answer."""
+    connected.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+    response = b""
+    while chunk := connected.recv(65536):
+        response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return json.loads(body)
+
+
 def get_over_unix_socket(path: str) -> dict:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(path)
-        s.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        response = b""
-        while chunk := s.recv(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
-    return json.loads(body)
+        return get_json(s)
+
+
+def get_over_tls(port: int, cert: str, path: str = "/") -> dict:
+    """GET over TLS on 127.0.0.1, trusting only C{cert}."""
+    context = ssl.create_default_context(cafile=cert)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return get_json(tls, path)
 
 
 def self_signed(directory: str) -> tuple:
@@ -75,32 +89,16 @@ class TLSTests(ClusterTestCase):
         cluster = self.start(app=None, workers=2,
                              listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
         port = int(cluster.url.rsplit(":", 1)[1])
-        context = ssl.create_default_context(cafile=cert)
         seen = set()
-
-        def get() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                    tls.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                    response = b""
-                    while chunk := tls.recv(65536):
-                        response += chunk
-            self.assertTrue(response.startswith(b"HTTP/1.0 200"), response[:100])
-            seen.add(json.loads(response.partition(b"\r\n\r\n")[2])["worker"])
-            return len(seen) == 2
-
-        wait_until(get, 20, "both workers over TLS")
+        wait_until(lambda: seen.add(get_over_tls(port, cert)["worker"]) or len(seen) == 2,
+                   20, "both workers over TLS")
 
     def test_single_process_terminates_tls(self):
         key, cert = self_signed(self.directory())
         cluster = self.start(app=None, workers=0,
                              listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
         port = int(cluster.url.rsplit(":", 1)[1])
-        context = ssl.create_default_context(cafile=cert)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                self.assertTrue(tls.recv(100).startswith(b"HTTP/1.0 200"))
+        self.assertEqual(get_over_tls(port, cert, "/health"), {"status": "ok", "worker": 1})
 
     def test_missing_certificate_is_a_usage_error(self):
         cluster = self.start(app=None, workers=1, ready=0,

@@ -141,7 +141,7 @@ class WorkerService(Service):
         requests in flight and a cron run in progress finish; then hooks."""
         if self.port is not None:
             await self.port.stopListening()
-        finishing = [self._drain(self.site)] if self.site is not None else []
+        finishing = [self.site.drain()] if self.site is not None else []
         if self.cron is not None:
             finishing.append(self.cron.stop())
         in_time = await self._within_drain_deadline(DeferredList(finishing))
@@ -159,9 +159,6 @@ class WorkerService(Service):
             from .redis import disconnect
 
             await disconnect(self.redis)
-
-    def _drain(self, site: ClusterSite) -> Deferred:
-        return site.drain()
 
     async def _within_drain_deadline(self, finishing: Deferred) -> bool:
         """Wait for C{finishing}, no longer than C{drain_seconds}: True if
