@@ -3,9 +3,12 @@
 import os
 import socket
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from txcluster.balancing import ConnectionDispatcher, ConnectionReceiver, accept_one_per_wakeup
+from txcluster.balancing import (
+    RETRY_SECONDS, ConnectionDispatcher, ConnectionReceiver, accept_one_per_wakeup,
+)
 
 
 class FakePort:
@@ -18,8 +21,9 @@ class FakePort:
         self.numberAccepts += 20  # what tcp.Port does after a full batch
 
 
-class RecordingReactor:
+class RecordingReactor(Clock):
     def __init__(self):
+        super().__init__()
         self.readers = set()
         self.adopted = []
 
@@ -73,25 +77,94 @@ class RoundRobinTests(unittest.TestCase):
             self.addCleanup(client.close)
         return clients
 
-    def received(self, index):
+    def messages(self, index):
+        """Descriptors in each message the worker at index was sent."""
         theirs = self.channels[index][1]
         theirs.setblocking(False)
-        fds = []
+        messages = []
         try:
             while True:
                 _, got, _, _ = socket.recv_fds(theirs, 64, 64)
-                fds += got
+                messages.append(len(got))
+                for fd in got:
+                    os.close(fd)
         except BlockingIOError:
             pass
-        for fd in fds:
-            os.close(fd)
-        return len(fds)
+        return messages
+
+    def received(self, index):
+        return sum(self.messages(index))
+
+    def fill(self, index):
+        """Make the channel to the worker at index refuse more (EAGAIN)."""
+        ours = self.channels[index][0]
+        try:
+            while True:
+                ours.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+
+    def empty(self, index):
+        theirs = self.channels[index][1]
+        theirs.setblocking(False)
+        try:
+            while theirs.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
 
     def test_connections_go_round_robin(self):
         self.connect(7)
         self.dispatcher.doRead()
         self.assertEqual(self.dispatcher.dispatched, 7)
         self.assertEqual([self.received(i) for i in range(3)], [3, 2, 2])
+
+    def test_one_message_per_worker_per_wakeup(self):
+        self.connect(6)
+        self.dispatcher.doRead()
+        self.assertEqual([self.messages(i) for i in range(3)], [[2], [2], [2]])
+
+    def test_round_robin_continues_across_wakeups(self):
+        self.connect(2)
+        self.dispatcher.doRead()
+        self.connect(2)
+        self.dispatcher.doRead()
+        self.assertEqual([self.received(i) for i in range(3)], [2, 1, 1])
+
+    def test_a_full_channel_passes_its_share_on(self):
+        self.fill(0)
+        self.connect(3)
+        self.dispatcher.doRead()
+        self.assertEqual(self.dispatcher.dispatched, 3)
+        self.assertEqual(self.received(1) + self.received(2), 3)
+
+    def test_connections_no_worker_can_take_are_held_not_dropped(self):
+        for i in range(3):
+            self.fill(i)
+        self.dispatcher.start()
+        clients = self.connect(2)
+        self.dispatcher.doRead()
+        self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (2, 0))
+        self.assertNotIn(self.dispatcher, self.reactor.readers)  # the backlog takes the rest
+        self.reactor.advance(RETRY_SECONDS)
+        self.assertEqual(self.dispatcher.held, 2)  # still full: still held
+        clients[0].setblocking(False)
+        self.assertRaises(BlockingIOError, clients[0].recv, 1)  # open, not reset
+        self.empty(1)
+        self.reactor.advance(RETRY_SECONDS)
+        self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
+        self.assertIn(self.dispatcher, self.reactor.readers)
+        self.assertEqual(self.received(1), 2)
+
+    def test_close_closes_held_connections(self):
+        for i in range(3):
+            self.fill(i)
+        clients = self.connect(1)
+        self.dispatcher.doRead()
+        self.dispatcher.close()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        clients[0].settimeout(5)
+        self.assertEqual(clients[0].recv(1), b"")
 
     def test_no_ready_worker_leaves_connections_in_the_backlog(self):
         self.dispatcher.start()

@@ -35,8 +35,13 @@ KERNEL = "kernel"
 ROUND_ROBIN = "round-robin"
 MODES = (KERNEL, ROUND_ROBIN)
 
-#: Connections the master accepts per wakeup in round-robin mode.
+#: Connections the master accepts per wakeup in round-robin mode; also the
+#: most descriptors one message to a worker carries (the receiver's limit).
 ACCEPT_BATCH = 64
+
+#: While no worker can take a connection (every channel full), the master
+#: holds what it accepted, stops accepting, and retries after this many seconds.
+RETRY_SECONDS = 0.01
 
 
 def accept_one_per_wakeup(port: IListeningPort) -> None:
@@ -63,6 +68,11 @@ class ConnectionDispatcher:
     each connection to the next of C{targets()}, the channels of the ready
     workers.  While there is no ready worker, connections wait in the
     kernel's backlog.
+
+    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}) and sends each
+    worker its share in one message.  A connection no worker can take yet
+    (every channel full) is held, not dropped: the master stops accepting,
+    so the backlog takes the pressure, and retries shortly.
     """
 
     def __init__(self, reactor: Any, listening_fd: int,
@@ -72,6 +82,8 @@ class ConnectionDispatcher:
         self._socket.setblocking(False)
         self._targets = targets
         self._next = 0
+        self._held: List[socket.socket] = []
+        self._retry: Optional[Any] = None
         self.reading = False
         self.dispatched = 0
 
@@ -81,9 +93,16 @@ class ConnectionDispatcher:
     def logPrefix(self) -> str:
         return "ConnectionDispatcher"
 
+    @property
+    def held(self) -> int:
+        """Connections accepted that no worker could take yet."""
+        return len(self._held)
+
     def start(self) -> None:
         """(Re)start accepting; called whenever a worker becomes ready."""
-        if not self.reading and self._socket.fileno() >= 0:
+        if self._held:
+            self._schedule_retry()  # accepting resumes once they are sent
+        elif not self.reading and self._socket.fileno() >= 0:
             self.reading = True
             self._reactor.addReader(self)
 
@@ -94,41 +113,87 @@ class ConnectionDispatcher:
             self._reactor.removeReader(self)
 
     def close(self) -> None:
+        """Stop for good.  Connections still held are closed, like those
+        left in the backlog when the listening socket closes."""
         self.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        for client in self._held:
+            client.close()
+        if self._held:
+            log.warn("closed {n} connections no worker could take", n=len(self._held))
+        self._held.clear()
         self._socket.close()  # our copy only: never shutdown()
 
     def doRead(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            targets = self._targets()
-            if not targets:
-                self.stop()  # resumed by start() when a worker is ready
-                return
+        if not self._targets():
+            self.stop()  # resumed by start() when a worker is ready
+            return
+        self._held.extend(self._accept_waiting())
+        self._send_held()
+
+    def _accept_waiting(self) -> List[socket.socket]:
+        accepted: List[socket.socket] = []
+        while len(accepted) < ACCEPT_BATCH:
             try:
                 client, _ = self._socket.accept()
             except BlockingIOError:
-                return
+                break
             except OSError as e:
                 # Out of descriptors or memory: try again on the next wakeup.
                 # Anything else (ECONNABORTED, EPROTO, ...) concerns that one
                 # connection only; accept(2) says to treat it like EAGAIN.
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warn("accept() failed: {error}", error=e)
-                    return
+                    break
                 continue
-            with client:
-                self._send(client, targets)
+            accepted.append(client)
+        return accepted
 
-    def _send(self, client: socket.socket, targets: List[socket.socket]) -> None:
-        for attempt in range(len(targets)):
-            channel = targets[(self._next + attempt) % len(targets)]
-            try:
-                socket.send_fds(channel, [b"c"], [client.fileno()])
-            except OSError:  # that worker is busy, gone, or over its fd limit
-                continue
-            self._next = (self._next + attempt + 1) % len(targets)
-            self.dispatched += 1
-            return
-        log.warn("no worker could take a connection; dropped it")
+    def _send_held(self) -> None:
+        """Deal the held connections round-robin over the ready workers,
+        one message per worker; a worker that cannot take its share (busy,
+        gone, over its fd limit) passes it to the next one."""
+        targets = self._targets()
+        pending, self._held = self._held, []
+        while pending and targets:
+            shares: List[List[socket.socket]] = [[] for _ in targets]
+            for i, client in enumerate(pending):
+                shares[(self._next + i) % len(targets)].append(client)
+            self._next = (self._next + len(pending)) % len(targets)
+            pending = []
+            refused = []
+            for channel, share in zip(targets, shares):
+                if share and self._send(channel, share):
+                    continue
+                pending += share
+                if share:
+                    refused.append(channel)
+            targets = [t for t in targets if t not in refused]
+        self._held = pending
+        if self._held:
+            self.stop()
+            self._schedule_retry()
+
+    def _send(self, channel: socket.socket, clients: List[socket.socket]) -> bool:
+        try:
+            socket.send_fds(channel, [b"c"], [c.fileno() for c in clients])
+        except OSError:
+            return False
+        for client in clients:
+            client.close()  # the worker has its copy
+        self.dispatched += len(clients)
+        return True
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self._reactor.callLater(RETRY_SECONDS, self._retry_held)
+
+    def _retry_held(self) -> None:
+        self._retry = None
+        self._send_held()
+        if not self._held:
+            self.start()
 
     def connectionLost(self, reason: Any) -> None:
         """doRead raised: Twisted has dropped us from the reactor."""
@@ -150,6 +215,7 @@ class ConnectionReceiver:
         self._channel = socket.socket(fileno=channel_fd)
         self._channel.setblocking(False)
         self._factory = factory
+        self._family: Optional[socket.AddressFamily] = None  # one listening socket: one family
         self.adopted = 0
 
     def fileno(self) -> int:
@@ -176,12 +242,15 @@ class ConnectionReceiver:
     def doRead(self) -> Optional[Any]:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self._channel, 64, 64)
+                data, fds, flags, _ = socket.recv_fds(self._channel, ACCEPT_BATCH, ACCEPT_BATCH)
             except BlockingIOError:
                 return None
             except OSError as e:
                 log.warn("receiving connections failed: {error}", error=e)
                 return None
+            if flags & socket.MSG_CTRUNC:  # the kernel closed what did not fit
+                log.error("a message from the master carried more than {n} connections",
+                          n=ACCEPT_BATCH)
             for fd in fds:
                 self._adopt(fd)
             if not data:  # the master closed its end: it is gone
@@ -190,7 +259,9 @@ class ConnectionReceiver:
 
     def _adopt(self, fd: int) -> None:
         try:
-            self._reactor.adoptStreamConnection(fd, address_family(fd), self._factory)
+            if self._family is None:
+                self._family = address_family(fd)
+            self._reactor.adoptStreamConnection(fd, self._family, self._factory)
             self.adopted += 1
         except OSError as e:  # the client went away meanwhile
             log.debug("could not adopt a connection: {error}", error=e)
