@@ -12,12 +12,17 @@ side by side, the baseline and the clusters:
 - N = 1: one ``--single`` process; N > 1: ``parallel-N``, N independent
   ``--single`` processes on N ports driven by N concurrent wrk processes
   with C/N connections each (the parallel limit, with no shared socket);
+- N > 1: ``reuseport-N``, N independent ``--single`` processes on one port,
+  each with its own ``SO_REUSEPORT`` socket (the kernel hashes connections
+  to them), driven like the cluster by one wrk: what a shared port costs
+  without any manager;
 - the cluster with N workers, once per ``--balance`` mode, counting which
   worker answered each request (a wrk Lua script reads ``"worker": N``).
 
 Each round measures them one after the other, with keep-alive and with
-``Connection: close``; ratios are medians of per-round ratios, so a drift in
-the machine's load during the run cancels out.  Then the respawn latency
+``Connection: close``, starting one place further along the list each
+round; ratios are medians of per-round ratios, so a drift in the machine's
+load during the run cancels out.  Then the respawn latency
 (SIGKILL a worker, time until the master logs the replacement ``ready``)
 and the RSS of the master and the workers.  Everything it starts is killed
 when it ends.
@@ -34,6 +39,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -88,6 +94,27 @@ class Bench:
             raise
         return cluster
 
+    def start_reuseport(self, n: int) -> List[RunningCluster]:
+        """N --single processes, each on its own SO_REUSEPORT socket bound
+        to the same port (passed to it like systemd socket activation)."""
+        servers: List[RunningCluster] = []
+        port = 0
+        try:
+            for _ in range(n):
+                with socket.socket() as listener:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    listener.bind(("127.0.0.1", port))
+                    listener.listen(1024)
+                    port = listener.getsockname()[1]
+                    servers.append(start_cluster(
+                        app=self.o.app, workers=0, env=self.env, cwd=self.cwd,
+                        listen="systemd:domain=INET:index=0", inherit=listener.fileno()))
+        except BaseException:
+            for server in servers:
+                server.kill()
+            raise
+        return servers
+
     def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0,
                 round_: int = 0) -> None:
         for close in (False, True):
@@ -111,10 +138,16 @@ class Bench:
                 servers = [stack.enter_context(self.start(0)) for _ in range(n)]
                 clusters = {cluster_name(n, b): stack.enter_context(self.start(n, b))
                             for b in self.o.balance}
+                # (config, urls, workers that name themselves in answers)
+                configs = [(baseline, [s.url for s in servers], 0)]
+                if n > 1:
+                    shared = [stack.enter_context(s) for s in self.start_reuseport(n)]
+                    configs.append((f"reuseport-{n}", [shared[0].url], 0))
+                configs += [(name, [c.url], n) for name, c in clusters.items()]
                 for round_ in range(self.o.rounds):
-                    self.measure(baseline, [s.url for s in servers], round_=round_)
-                    for config, cluster in clusters.items():
-                        self.measure(config, [cluster.url], expected_workers=n, round_=round_)
+                    turn = round_ % len(configs)
+                    for config, urls, workers in configs[turn:] + configs[:turn]:
+                        self.measure(config, urls, expected_workers=workers, round_=round_)
                 if n == 1:
                     self.rss["single process"] = _rss_text([servers[0].pid])
                 for config, cluster in clusters.items():
@@ -188,15 +221,20 @@ class Bench:
                     total[worker] += count
         return total
 
-    def _ratio(self, top: str, bottom: str, mode: str) -> Optional[float]:
-        """Median over the rounds of top/bottom, each pair from one round."""
+    def _ratios(self, top: str, bottom: str, mode: str) -> List[float]:
+        """top/bottom in each round, each pair from one round."""
         by_round: Dict[int, Dict[str, float]] = {}
         for c, m, r, _, round_ in self.rows:
             if m == mode and c in (top, bottom):
                 by_round.setdefault(round_, {})[c] = r.rps
-        ratios = [v[top] / v[bottom] for v in by_round.values()
-                  if top in v and bottom in v and v[bottom]]
-        return statistics.median(ratios) if ratios else None
+        return [v[top] / v[bottom] for v in by_round.values()
+                if top in v and bottom in v and v[bottom]]
+
+    def _ratio_text(self, top: str, bottom: str, mode: str) -> str:
+        ratios = self._ratios(top, bottom, mode)
+        if not ratios:
+            return "-"
+        return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
     def report(self) -> None:
         configs: List[tuple] = []
@@ -217,14 +255,16 @@ class Bench:
                     line += f" ({ratio_text(shares)})"
                 print(line)
 
-        print("\nratios of requests/s, paired by round      keep-alive   close")
+        print("\nratios of requests/s, paired by round: median (min-max)"
+              "\n                                           keep-alive         close")
         for n in self.o.workers:
             baseline = "single" if n == 1 else f"parallel-{n}"
-            for balance in self.o.balance:
-                top = cluster_name(n, balance)
-                cells = [self._ratio(top, baseline, mode) for mode in ("keep-alive", "close")]
-                text = [f"{c:.2f}" if c is not None else "-" for c in cells]
-                print(f"  {top + ' / ' + baseline:<42}{text[0]:>10}{text[1]:>8}")
+            tops = [cluster_name(n, balance) for balance in self.o.balance]
+            if n > 1:
+                tops.append(f"reuseport-{n}")
+            for top in tops:
+                cells = [self._ratio_text(top, baseline, mode) for mode in ("keep-alive", "close")]
+                print(f"  {top + ' / ' + baseline:<40}{cells[0]:>15}{cells[1]:>18}")
 
         print("\nper-worker share max/min (all rounds)       keep-alive   close")
         for n in self.o.workers:
@@ -312,7 +352,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="cluster sizes, comma-separated (default 1,2,4)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per size; ratios are medians of per-round ratios "
-                        "(default 3; 1 with --quick)")
+                        "(default 5; 1 with --quick)")
     p.add_argument("--respawn-samples", type=int, default=None,
                    help="kill -9 samples on the largest cluster (default 5; 3 with --quick)")
     p.add_argument("--app", default=None,
@@ -329,7 +369,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if options.duration is None:
         options.duration = 1 if options.quick else 3
     if options.rounds is None:
-        options.rounds = 1 if options.quick else 3
+        options.rounds = 1 if options.quick else 5
     if options.respawn_samples is None:
         options.respawn_samples = 3 if options.quick else 5
     if options.connections < 1 or options.threads < 1 or options.duration < 1:

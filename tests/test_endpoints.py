@@ -9,12 +9,10 @@ import json
 import os
 import socket
 import ssl
-import subprocess
-import sys
 
-from txcluster.testing import twistd_command, wait_until
+from txcluster.testing import wait_until
 
-from .integration import ROOT, ClusterTestCase, clean_environment
+from .integration import ClusterTestCase
 
 
 def get_json(connected: socket.socket, path: str = "/") -> dict:
@@ -116,48 +114,18 @@ class KernelBalanceTLSTests(TLSTests):
     cluster_args = ("--balance", "kernel")
 
 
-ACTIVATE = """
-import os, socket, sys
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(64)
-print(listener.getsockname()[1], flush=True)
-os.dup2(listener.fileno(), 3)
-os.set_inheritable(3, True)
-os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="http", LISTEN_PID=str(os.getpid()))
-os.execv(sys.argv[1], sys.argv[1:])
-"""
-
-
-def kill_group(process) -> None:
-    try:
-        os.killpg(process.pid, 9)
-    except ProcessLookupError:
-        pass
-    process.wait()
-    process.stdout.close()
-
-
 class SystemdSocketActivationTests(ClusterTestCase):
     """systemd passes the bound socket as fd 3 (LISTEN_FDS, LISTEN_FDNAMES and
     LISTEN_PID, which exec keeps: the helper execs twistd in its place)."""
 
     def test_workers_serve_the_inherited_socket(self):
-        log = self.path("twistd.log")
-        process = subprocess.Popen(
-            [sys.executable, "-c", ACTIVATE, *twistd_command(), "-n", "--pidfile=",
-             "--logfile", log, "txcluster", "--listen", "systemd:domain=INET:index=0",
-             "--workers", "2"],
-            cwd=ROOT, env=clean_environment(), stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-        self.addCleanup(kill_group, process)
-        port = int(process.stdout.readline())
-
-        def ready() -> bool:
-            self.assertIsNone(process.poll(), "twistd exited")
-            return "all 2 workers ready" in "\n".join(self.lines(log))
-
-        wait_until(ready, 20, "2 workers")
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            port = listener.getsockname()[1]
+            cluster = self.start(app=None, workers=2, inherit=listener.fileno(),
+                                 listen="systemd:domain=INET:index=0")
+        self.assertEqual(cluster.url, f"http://127.0.0.1:{port}")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
             self.assertIn(b"200", s.recv(100))

@@ -108,16 +108,31 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+#: Run argv[2:] with the socket on descriptor argv[1] passed the way
+#: systemd's socket activation does (fd 3, LISTEN_FDS, LISTEN_FDNAMES, and
+#: LISTEN_PID, which exec keeps).
+_SYSTEMD_ACTIVATION = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="http", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class RunningCluster:
     """A C{twistd -n txcluster} process and its workers."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Optional[str]) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Optional[str],
+                 inherit: Optional[int] = None) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="txcluster-test-", suffix=".log")
         self.args = list(args)
+        command = [*twistd_command(), "-n", "--pidfile=", "txcluster", *args]
+        if inherit is not None:
+            command = [sys.executable, "-c", _SYSTEMD_ACTIVATION, str(inherit), *command]
         self.process = subprocess.Popen(
-            [*twistd_command(), "-n", "--pidfile=", "txcluster", *args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(env), cwd=cwd, start_new_session=True,
+            pass_fds=() if inherit is None else (inherit,),
         )
         self.pid = self.process.pid
         self.url = ""
@@ -249,6 +264,7 @@ def start_cluster(
     listen: Optional[str] = "tcp:0:interface=127.0.0.1",
     ready: Optional[int] = None,
     timeout: float = 30.0,
+    inherit: Optional[int] = None,
 ) -> RunningCluster:
     """
     Start C{twistd -n txcluster} and wait until C{ready} workers are ready.
@@ -260,6 +276,9 @@ def start_cluster(
         C{0} returns without waiting.
     @param env: the environment (default: this process's).
     @param cwd: where to run; C{--app} modules are imported from here.
+    @param inherit: a listening socket's descriptor to pass as systemd's
+        socket activation would; use it with
+        C{listen="systemd:domain=INET:index=0"}.
     """
     argv = []
     if listen is not None:
@@ -269,7 +288,7 @@ def start_cluster(
     if workers is not None:
         argv += ["--single"] if workers == 0 else ["--workers", str(workers)]
     argv += list(args)
-    cluster = RunningCluster(argv, dict(os.environ) if env is None else env, cwd)
+    cluster = RunningCluster(argv, dict(os.environ) if env is None else env, cwd, inherit)
     if ready is None:
         ready = workers or 1
     if ready:

@@ -1,0 +1,49 @@
+"""
+The benchmark's one command still runs end to end (its figures are not
+checked here: performance is measured in bench/, not asserted in tests),
+and it leaves no process behind.
+"""
+
+import os
+import subprocess
+import sys
+import uuid
+
+from twisted.trial import unittest
+
+from txcluster.testing import wrk_available
+
+from .integration import ROOT, clean_environment
+
+
+def processes_with(marker: str) -> list:
+    """Pids of live processes whose environment holds C{marker}."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+class BenchSmokeTests(unittest.TestCase):
+    def setUp(self):
+        if not wrk_available():
+            raise unittest.SkipTest("wrk is not installed (apt-get install wrk)")
+
+    def test_quick_run_prints_every_table_and_cleans_up(self):
+        marker = f"TXCLUSTER_BENCH_SMOKE_{uuid.uuid4().hex}"
+        env = clean_environment(BENCH_MARKER=marker)
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick",
+             "--workers", "2", "--balance", "round-robin", "--respawn-samples", "1"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        for line in ("cluster-2/round-robin / parallel-2", "reuseport-2 / parallel-2",
+                     "per-worker share max/min", "respawn (kill -9", "cluster-2/round-robin master"):
+            self.assertIn(line, result.stdout)
+        self.assertEqual(processes_with(marker), [])
