@@ -16,7 +16,8 @@ side by side, the baseline and the clusters:
   each with its own ``SO_REUSEPORT`` socket (the kernel hashes connections
   to them), driven like the cluster by one wrk: what a shared port costs
   without any manager;
-- the cluster with N workers, once per ``--balance`` mode, counting which
+- the cluster with N workers, once per ``--balance`` mode (and with
+  ``--cpu-affinity``: ``round-robin+affinity``), counting which
   worker answered each request (a wrk Lua script reads ``"worker": N``).
 
 Each round measures them one after the other, with keep-alive and with
@@ -79,8 +80,8 @@ class Bench:
 
     # Servers -----------------------------------------------------------------
 
-    def start(self, workers: int, balance: Optional[str] = None) -> RunningCluster:
-        args = ["--balance", balance] if balance else []
+    def start(self, workers: int, variant: Optional[str] = None) -> RunningCluster:
+        args = variant_args(variant) if variant else []
         cluster = start_cluster(app=self.o.app, workers=workers, env=self.env, cwd=self.cwd,
                                 args=args)
         cluster.ready_at = time.monotonic()  # type: ignore[attr-defined]
@@ -121,7 +122,7 @@ class Bench:
             mode = "close" if close else "keep-alive"
             result = self.wrk(urls, close)
             self.rows.append((config, mode, result, expected_workers, round_))
-            print(f"  round {round_ + 1}  {config:<22} {mode:<10} {result.rps:8.0f} req/s"
+            print(f"  round {round_ + 1}  {config:<31} {mode:<10} {result.rps:8.0f} req/s"
                   f"{self._share_text(result, expected_workers)}", flush=True)
 
     # Runs ----------------------------------------------------------------------
@@ -242,12 +243,12 @@ class Bench:
             if (c, expected) not in configs:
                 configs.append((c, expected))
         print(f"\nmedian of {self.o.rounds} rounds of {self.o.duration} s")
-        print(f"{'config':<24}{'mode':<11}{'req/s':>8}{'errors':>8}  per-worker share (max/min)")
+        print(f"{'config':<32}{'mode':<11}{'req/s':>8}{'errors':>8}  per-worker share (max/min)")
         for config, expected in configs:
             for mode in ("keep-alive", "close"):
                 errors = sum(r.errors + r.non2xx for c, m, r, _, _ in self.rows
                              if (c, m) == (config, mode))
-                line = f"{config:<24}{mode:<11}{self._median_rps(config, mode):>8.0f}{errors:>8}"
+                line = f"{config:<32}{mode:<11}{self._median_rps(config, mode):>8.0f}{errors:>8}"
                 if expected:
                     shares = self._shares(config, mode, expected)
                     total = sum(shares.values()) or 1
@@ -256,7 +257,7 @@ class Bench:
                 print(line)
 
         print("\nratios of requests/s, paired by round: median (min-max)"
-              "\n                                           keep-alive         close")
+              f"\n{'':<48}keep-alive             close")
         for n in self.o.workers:
             baseline = "single" if n == 1 else f"parallel-{n}"
             tops = [cluster_name(n, balance) for balance in self.o.balance]
@@ -264,16 +265,16 @@ class Bench:
                 tops.append(f"reuseport-{n}")
             for top in tops:
                 cells = [self._ratio_text(top, baseline, mode) for mode in ("keep-alive", "close")]
-                print(f"  {top + ' / ' + baseline:<40}{cells[0]:>15}{cells[1]:>18}")
+                print(f"  {top + ' / ' + baseline:<46}{cells[0]:>15}{cells[1]:>18}")
 
-        print("\nper-worker share max/min (all rounds)       keep-alive   close")
+        print(f"\n{'per-worker share max/min (all rounds)':<50}keep-alive   close")
         for n in self.o.workers:
             if n < 2:
                 continue
             for balance in self.o.balance:
                 config = cluster_name(n, balance)
                 cells = [ratio_text(self._shares(config, m, n)) for m in ("keep-alive", "close")]
-                print(f"  {config:<42}{cells[0]:>10}{cells[1]:>8}")
+                print(f"  {config:<48}{cells[0]:>10}{cells[1]:>8}")
 
         if self.respawn:
             ms = sorted(1000 * s for s in self.respawn)
@@ -281,13 +282,19 @@ class Bench:
                   f" (samples: {', '.join(f'{m:.0f}' for m in ms)} ms)")
         print("\nRSS (VmRSS after the load)")
         for what, text in self.rss.items():
-            print(f"  {what:<32}{text}")
+            print(f"  {what:<40}{text}")
         print(f"\nload average at the end: {_loadavg()}  (other processes on the machine "
               "skew every number above)")
 
 
-def cluster_name(workers: int, balance: str) -> str:
-    return f"cluster-{workers}/{balance}"
+def cluster_name(workers: int, variant: str) -> str:
+    return f"cluster-{workers}/{variant}"
+
+
+def variant_args(variant: str) -> List[str]:
+    """C{round-robin+affinity} -> C{--balance round-robin --cpu-affinity}."""
+    balance, _, affinity = variant.partition("+")
+    return ["--balance", balance] + (["--cpu-affinity"] if affinity else [])
 
 
 def share(result: WrkResult, expected: int) -> Dict[int, int]:
@@ -361,9 +368,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--app-dir", default=None,
                    help="directory the cluster runs in, where --app is imported from")
     p.add_argument("--balance", type=lambda text: text.split(","),
-                   default=["round-robin", "kernel"],
-                   help="--balance modes of the clusters, comma-separated "
-                        "(default round-robin,kernel)")
+                   default=["round-robin", "round-robin+affinity", "kernel"],
+                   help="--balance modes of the clusters, comma-separated, each "
+                        "optionally +affinity for --cpu-affinity "
+                        "(default round-robin,round-robin+affinity,kernel)")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
     options = p.parse_args(argv)
     if options.duration is None:

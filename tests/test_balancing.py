@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from txcluster.balancing import (
-    RETRY_SECONDS, ConnectionDispatcher, ConnectionReceiver, accept_one_per_wakeup,
+    RETRY_SECONDS, Accepted, ConnectionDispatcher, ConnectionReceiver, Dealer, WorkerChannel,
+    accept_one_per_wakeup, cpu_for,
 )
 
 
@@ -66,7 +67,7 @@ class RoundRobinTests(unittest.TestCase):
             self.addCleanup(ours.close)
             self.addCleanup(theirs.close)
         self.reactor = RecordingReactor()
-        self.serving = [ours for ours, _ in self.channels]
+        self.serving = [WorkerChannel(ours) for ours, _ in self.channels]
         self.dispatcher = ConnectionDispatcher(
             self.reactor, self.listener.fileno(), lambda: list(self.serving))
         self.addCleanup(self.dispatcher.close)
@@ -173,7 +174,7 @@ class RoundRobinTests(unittest.TestCase):
         self.dispatcher.doRead()
         self.assertEqual(self.dispatcher.dispatched, 0)
         self.assertNotIn(self.dispatcher, self.reactor.readers)  # stopped reading
-        self.serving.append(self.channels[0][0])
+        self.serving.append(WorkerChannel(self.channels[0][0]))
         self.dispatcher.start()
         self.dispatcher.doRead()
         self.assertEqual(self.received(0), 2)
@@ -197,3 +198,50 @@ class RoundRobinTests(unittest.TestCase):
         family = self.reactor.adopted[0][1]
         self.assertEqual(family, socket.AF_INET)
         self.assertEqual(len(clients), 3)
+
+
+class DealerTests(unittest.TestCase):
+    """Who takes each connection, as pure bookkeeping."""
+
+    def deal(self, dealer, targets, cpus):
+        """Deal one connection per entry of cpus (its incoming CPU); record
+        them as sent; return how many each target took."""
+        shares = dealer.deal([Accepted(object(), cpu) for cpu in cpus], targets)
+        for target, share in zip(targets, shares):
+            dealer.served(target, len(share))
+        return [len(share) for share in shares]
+
+    def test_unpinned_workers_take_turns(self):
+        targets = [WorkerChannel(object()) for _ in range(3)]
+        dealer = Dealer()
+        self.assertEqual(self.deal(dealer, targets, [None] * 7), [3, 2, 2])
+        self.assertEqual(self.deal(dealer, targets, [None] * 2), [0, 1, 1])
+
+    def test_pinned_workers_take_connections_received_on_their_cpu(self):
+        targets = [WorkerChannel(object(), cpu) for cpu in (0, 1, 0, 1)]
+        dealer = Dealer()
+        shares = dealer.deal([Accepted(i, i % 2) for i in range(8)], targets)
+        self.assertEqual([[a.cpu for a in share] for share in shares],
+                         [[0, 0], [1, 1], [0, 0], [1, 1]])
+
+    def test_the_split_stays_even_when_every_connection_arrives_on_one_cpu(self):
+        targets = [WorkerChannel(object(), cpu) for cpu in (0, 1)]
+        dealer = Dealer()
+        self.assertEqual(self.deal(dealer, targets, [0] * 32), [17, 15])
+        totals = [17, 15]
+        for _ in range(100):  # a long run of short connections, all from CPU 0
+            totals = [t + n for t, n in zip(totals, self.deal(dealer, targets, [0] * 10))]
+        self.assertLessEqual(max(totals) - min(totals), Dealer.slack(min(totals)) + 1)
+        self.assertLess(max(totals) / min(totals), 1.15)
+
+    def test_a_new_worker_starts_level_with_the_least_served(self):
+        old = [WorkerChannel(object()) for _ in range(2)]
+        dealer = Dealer()
+        self.deal(dealer, old, [None] * 100)
+        replacement = WorkerChannel(object())
+        targets = [old[0], replacement]
+        dealer.keep_only(targets)
+        self.assertEqual(self.deal(dealer, targets, [None] * 10), [5, 5])
+
+    def test_cpu_for_takes_usable_cpus_in_turn(self):
+        self.assertEqual([cpu_for(i, [5, 3]) for i in range(1, 6)], [3, 5, 3, 5, 3])

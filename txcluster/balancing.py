@@ -11,8 +11,15 @@ C{round-robin} (Node's cluster default): the master accepts and passes each
 connection's descriptor to the next ready worker over a Unix socket pair
 (C{SCM_RIGHTS}); the worker adopts it with C{adoptStreamConnection}.  Even
 under keep-alive, where connections are long-lived and a burst decides the
-split for good, and at the cost of one C{accept} and one C{sendmsg} per
-connection in the master.  The master still never reads a request's bytes.
+split for good, and at the cost of one C{accept} per connection and one
+C{sendmsg} per worker and wakeup in the master.  The master still never
+reads a request's bytes.
+
+C{--cpu-affinity} pins worker N to CPU N-1 (modulo the usable CPUs), and
+round-robin then prefers, for each connection, a worker on the CPU whose
+network stack received it (C{SO_INCOMING_CPU}): the connection's packets
+and its requests are handled on one core, without cross-core wake-ups.
+L{Dealer} keeps the split even whatever CPUs the connections arrive on.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import attr
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
@@ -44,6 +53,12 @@ ACCEPT_BATCH = 64
 RETRY_SECONDS = 0.01
 
 
+def cpu_for(worker_id: int, cpus: Sequence[int]) -> int:
+    """The CPU that worker C{worker_id} (1..N) is pinned to with
+    C{--cpu-affinity}: the usable CPUs in turn."""
+    return sorted(cpus)[(worker_id - 1) % len(cpus)]
+
+
 def accept_one_per_wakeup(port: IListeningPort) -> None:
     """Make a Twisted TCP/Unix port accept one connection per reactor wakeup.
 
@@ -61,6 +76,79 @@ def accept_one_per_wakeup(port: IListeningPort) -> None:
     port.doRead = read_one
 
 
+@attr.s(frozen=True, auto_attribs=True, eq=False)
+class WorkerChannel:
+    """The master's end of a worker's connection channel, and the CPU the
+    worker is pinned to (C{None}: not pinned)."""
+
+    socket: socket.socket
+    cpu: Optional[int] = None
+
+
+class Accepted(NamedTuple):
+    """A connection accepted by the master, and the CPU that received it
+    (C{None}: unknown, or not asked because no worker is pinned)."""
+
+    client: Any  # socket.socket, or a test's stand-in
+    cpu: Optional[int] = None
+
+
+class Dealer:
+    """
+    Which worker takes each new connection.
+
+    The least-served worker first, in the order given, which is round-robin
+    while every worker takes its turn; a worker that joins (a respawn, a
+    rolling restart, SIGTTIN) starts level with the least served, so it is
+    not flooded.  When workers are pinned, a connection goes to the
+    least-served worker on the CPU that received it, unless that worker is
+    more than L{slack} connections ahead of the least-served one: however
+    unevenly connections arrive over the CPUs, the split stays even.
+    """
+
+    def __init__(self) -> None:
+        self._served: Dict[WorkerChannel, int] = {}
+
+    @staticmethod
+    def slack(least: int) -> int:
+        """How far ahead of the least-served a worker on the right CPU may be."""
+        return 1 + least // 8
+
+    def deal(self, accepted: Sequence[Accepted],
+             targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
+        """Each target's share of C{accepted}; L{served} records what it took."""
+        least_before = min(self._served.values(), default=0)
+        for target in targets:
+            self._served.setdefault(target, least_before)
+        counts = {t: self._served[t] for t in targets}
+        shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
+        for connection in accepted:
+            least = min(counts.values())
+            local = [t for t in targets if t.cpu is not None and t.cpu == connection.cpu]
+            choice = min(local, key=counts.__getitem__) if local else None
+            if choice is None or counts[choice] > least + self.slack(least):
+                choice = min(targets, key=counts.__getitem__)
+            counts[choice] += 1
+            shares[choice].append(connection)
+        return [shares[t] for t in targets]
+
+    def served(self, target: WorkerChannel, n: int) -> None:
+        self._served[target] = self._served.get(target, 0) + n
+
+    def keep_only(self, targets: Sequence[WorkerChannel]) -> None:
+        """Forget the workers that are gone."""
+        self._served = {t: n for t, n in self._served.items() if t in targets}
+
+
+def incoming_cpu(client: socket.socket) -> Optional[int]:
+    """The CPU whose network stack last received data for C{client}."""
+    try:
+        cpu = client.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux, or not IP
+        return None
+    return cpu if cpu >= 0 else None
+
+
 @implementer(IReadDescriptor)
 class ConnectionDispatcher:
     """
@@ -69,20 +157,20 @@ class ConnectionDispatcher:
     workers.  While there is no ready worker, connections wait in the
     kernel's backlog.
 
-    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}) and sends each
-    worker its share in one message.  A connection no worker can take yet
+    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}), lets the
+    L{Dealer} split it, and sends each worker its share in one message.  A connection no worker can take yet
     (every channel full) is held, not dropped: the master stops accepting,
     so the backlog takes the pressure, and retries shortly.
     """
 
     def __init__(self, reactor: Any, listening_fd: int,
-                 targets: Callable[[], List[socket.socket]]) -> None:
+                 targets: Callable[[], List[WorkerChannel]]) -> None:
         self._reactor = reactor
         self._socket = socket.socket(fileno=os.dup(listening_fd))
         self._socket.setblocking(False)
         self._targets = targets
-        self._next = 0
-        self._held: List[socket.socket] = []
+        self._dealer = Dealer()
+        self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
         self.reading = False
         self.dispatched = 0
@@ -118,18 +206,22 @@ class ConnectionDispatcher:
         self.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        for client in self._held:
-            client.close()
+        for connection in self._held:
+            connection.client.close()
         if self._held:
             log.warn("closed {n} connections no worker could take", n=len(self._held))
         self._held.clear()
         self._socket.close()  # our copy only: never shutdown()
 
     def doRead(self) -> None:
-        if not self._targets():
+        targets = self._targets()
+        if not targets:
             self.stop()  # resumed by start() when a worker is ready
             return
-        self._held.extend(self._accept_waiting())
+        steering = any(t.cpu is not None for t in targets)
+        self._held.extend(
+            Accepted(client, incoming_cpu(client) if steering else None)
+            for client in self._accept_waiting())
         self._send_held()
 
     def _accept_waiting(self) -> List[socket.socket]:
@@ -151,38 +243,38 @@ class ConnectionDispatcher:
         return accepted
 
     def _send_held(self) -> None:
-        """Deal the held connections round-robin over the ready workers,
-        one message per worker; a worker that cannot take its share (busy,
-        gone, over its fd limit) passes it to the next one."""
+        """Deal the held connections over the ready workers, one message
+        per worker; a worker that cannot take its share (busy, gone, over
+        its fd limit) leaves it to be dealt again over the others."""
         targets = self._targets()
+        self._dealer.keep_only(targets)
         pending, self._held = self._held, []
         while pending and targets:
-            shares: List[List[socket.socket]] = [[] for _ in targets]
-            for i, client in enumerate(pending):
-                shares[(self._next + i) % len(targets)].append(client)
-            self._next = (self._next + len(pending)) % len(targets)
+            shares = self._dealer.deal(pending, targets)
             pending = []
             refused = []
-            for channel, share in zip(targets, shares):
-                if share and self._send(channel, share):
+            for target, share in zip(targets, shares):
+                if not share:
                     continue
-                pending += share
-                if share:
-                    refused.append(channel)
+                if self._send(target.socket, share):
+                    self._dealer.served(target, len(share))
+                else:
+                    pending += share
+                    refused.append(target)
             targets = [t for t in targets if t not in refused]
         self._held = pending
         if self._held:
             self.stop()
             self._schedule_retry()
 
-    def _send(self, channel: socket.socket, clients: List[socket.socket]) -> bool:
+    def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
         try:
-            socket.send_fds(channel, [b"c"], [c.fileno() for c in clients])
+            socket.send_fds(channel, [b"c"], [c.client.fileno() for c in share])
         except OSError:
             return False
-        for client in clients:
-            client.close()  # the worker has its copy
-        self.dispatched += len(clients)
+        for connection in share:
+            connection.client.close()  # the worker has its copy
+        self.dispatched += len(share)
         return True
 
     def _schedule_retry(self) -> None:

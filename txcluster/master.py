@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN, ConnectionDispatcher
+from .balancing import ROUND_ROBIN, ConnectionDispatcher, WorkerChannel
 from .control import ExitStatus
 from .listening import bind, describe
 from .options import Settings
@@ -149,8 +149,9 @@ class MasterService(BoundService):
                 self.reactor, self.listening.fileno(), self._connection_channels)
         self.supervisor.start()
 
-    def _connection_channels(self) -> List[Any]:
-        return [w.process.connections for w in self.supervisor.serving()]
+    def _connection_channels(self) -> List[WorkerChannel]:
+        return [w.process.channel for w in self.supervisor.serving()
+                if w.process.channel is not None]
 
     def _start_dispatching(self) -> None:
         if self.dispatcher is not None:

@@ -202,6 +202,13 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_BALANCE", parse_balance),),
     ),
     Setting(
+        "cpu-affinity", "Pin worker N to usable CPU N-1 (modulo the CPUs); with "
+        "round-robin, send each connection to a worker on the CPU that received it "
+        "while the split stays even.",
+        default=False, parse=parse_bool, flag=True,
+        env=(("TXCLUSTER_CPU_AFFINITY", parse_bool),),
+    ),
+    Setting(
         "redis", "Redis URL; each worker opens its own connection.",
         parse=parse_redis_url, metavar="URL", env=(("REDIS_URL", parse_redis_url),),
     ),
@@ -260,6 +267,7 @@ class Settings:
     single: bool = False
     app: str = DEFAULT_APP
     balance: str = "round-robin"
+    cpu_affinity: bool = False
     redis: Optional[str] = None
     shutdown_timeout: float = 30.0
     timeout: float = 30.0

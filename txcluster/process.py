@@ -15,7 +15,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN
+from .balancing import ROUND_ROBIN, WorkerChannel, cpu_for
 from .control import (
     CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport,
     MasterSide,
@@ -30,11 +30,11 @@ log = Logger(namespace="txcluster.master")
 class WorkerProcessProtocol(ProcessProtocol):
     """The master's view of one worker process."""
 
-    def __init__(self, worker: Worker, connections: Optional[socket.socket] = None) -> None:
+    def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.pid: int = 0
-        #: round-robin mode: the master's end of the worker's connection channel
-        self.connections = connections
+        #: round-robin mode: where the master sends this worker its connections
+        self.channel: Optional[WorkerChannel] = None
         self._tail = OutputTail()
         self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat,
                                    on_stopping=worker.leaving)
@@ -76,8 +76,8 @@ class WorkerProcessProtocol(ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         for splitter in self._output.values():
             splitter.flush()
-        if self.connections is not None:
-            self.connections.close()
+        if self.channel is not None:
+            self.channel.socket.close()
         self.worker.exited(ExitInfo(status=reason.value.exitCode, signal=reason.value.signal))
 
     def _stdout_line(self, line: str) -> None:
@@ -100,30 +100,47 @@ class WorkerSpawner:
         self._settings = settings
         self._listen_fd = listen_fd
         self._environ = environ
+        #: the master's usable CPUs, which workers inherit and --cpu-affinity splits
+        self._cpus = sorted(os.sched_getaffinity(0))
 
     def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
         child_fds: Dict[int, Any] = {
             0: "w", 1: "r", 2: "r", CONTROL_FROM_WORKER: "r", CONTROL_TO_WORKER: "w",
         }
-        theirs = None
+        ours = theirs = None
         if self._settings.balance == ROUND_ROBIN:
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
             child_fds[CONNECTIONS_FD] = theirs.fileno()
-            protocol = WorkerProcessProtocol(worker, connections=ours)
         else:
             child_fds[LISTEN_FD] = self._listen_fd
-            protocol = WorkerProcessProtocol(worker)
+        protocol = WorkerProcessProtocol(worker)
         try:
             self._spawn(protocol, worker.id, count, child_fds)
         except BaseException:
-            if protocol.connections is not None:
-                protocol.connections.close()
+            if ours is not None:
+                ours.close()
             raise
         finally:
             if theirs is not None:
                 theirs.close()  # the worker has its copy now
+        cpu = self._pin(protocol.pid, worker.id) if self._settings.cpu_affinity else None
+        if ours is not None:
+            protocol.channel = WorkerChannel(ours, cpu)
         return protocol
+
+    def _pin(self, pid: int, worker_id: int) -> Optional[int]:
+        """--cpu-affinity: pin the new process to its CPU (it may have run a
+        few instructions elsewhere first, which is harmless)."""
+        cpu = cpu_for(worker_id, self._cpus)
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except OSError as e:
+            log.warn("could not pin worker {id} to CPU {cpu}: {error}",
+                     id=worker_id, cpu=cpu, error=e)
+            return None
+        log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
+        return cpu
 
     def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
                child_fds: Dict[int, Any]) -> None:
