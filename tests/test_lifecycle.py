@@ -15,7 +15,8 @@ from txcluster.testing import Load, pid_alive, wait_until
 
 from .integration import ClusterTestCase
 
-class RespawnTests(ClusterTestCase):
+
+class RespawnAssertions:
     def assertRespawned(self, cluster, worker_id, old_pid, how):
         cluster.wait_for_log(rf"worker {worker_id} \(pid {old_pid}\) {how}")
         new_pid = int(cluster.wait_for_log(
@@ -25,6 +26,8 @@ class RespawnTests(ClusterTestCase):
         self.assertFalse(pid_alive(old_pid))
         return new_pid
 
+
+class RespawnTests(RespawnAssertions, ClusterTestCase):
     def test_kill_9_respawns_same_id(self):
         cluster = self.start(workers=2)
         old = cluster.ready_workers()[2]
@@ -235,3 +238,28 @@ class KernelBalanceRollingRestartTests(RollingRestartTests):
 
 class KernelBalanceOrphanTests(OrphanTests):
     cluster_args = KERNEL
+
+
+def allowed_cpus(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("Cpus_allowed_list:"))
+
+
+class CpuAffinityTests(RespawnAssertions, ClusterTestCase):
+    """--cpu-affinity pins worker N to usable CPU N-1 (mod CPUs), respawned
+    workers included; the master itself stays unpinned."""
+
+    def test_workers_are_pinned_and_respawns_keep_their_cpu(self):
+        from txcluster.balancing import cpu_for
+
+        cpus = sorted(os.sched_getaffinity(0))  # the cluster inherits ours
+        cluster = self.start(workers=3, args=("--cpu-affinity",))
+        workers = cluster.ready_workers()
+        for worker_id, pid in workers.items():
+            self.assertEqual(allowed_cpus(pid), str(cpu_for(worker_id, cpus)), worker_id)
+        self.assertEqual(allowed_cpus(cluster.pid), allowed_cpus(os.getpid()))
+        os.kill(workers[2], signal.SIGKILL)
+        new = self.assertRespawned(cluster, 2, workers[2], r"exited on signal 9")
+        self.assertEqual(allowed_cpus(new), str(cpu_for(2, cpus)))
+        self.assertEqual(cluster.get("/")[0], 200)

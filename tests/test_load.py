@@ -38,3 +38,11 @@ class WrkLoadTests(ClusterTestCase):
 
 class KernelBalanceWrkLoadTests(WrkLoadTests):
     cluster_args = ("--balance", "kernel")
+
+
+class CpuAffinityWrkLoadTests(WrkLoadTests):
+    """Connections go to a worker on the CPU that received them, and the
+    split stays even."""
+
+    workers = 4
+    cluster_args = ("--cpu-affinity",)

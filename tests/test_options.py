@@ -132,6 +132,14 @@ class EnvironmentTests(unittest.TestCase):
     def test_single_flag_beats_clustering_enabled(self):
         self.assertTrue(parse(["--single"], environ={"CLUSTERING_ENABLED": "true"}).single)
 
+    def test_cpu_affinity_is_off_unless_asked(self):
+        self.assertFalse(parse().cpu_affinity)
+        self.assertTrue(parse(["--cpu-affinity"]).cpu_affinity)
+        self.assertTrue(parse(environ={"TXCLUSTER_CPU_AFFINITY": "yes"}).cpu_affinity)
+        settings = parse(environ={"TXCLUSTER_CPU_AFFINITY": "sometimes"})
+        self.assertFalse(settings.cpu_affinity)
+        self.assertIn("TXCLUSTER_CPU_AFFINITY='sometimes'", settings.warnings[0])
+
 
 class ConfigFileTests(unittest.TestCase):
     def write(self, text):
@@ -144,8 +152,9 @@ class ConfigFileTests(unittest.TestCase):
 
     def test_values(self):
         path = self.write("[txcluster]\nworkers = 6\nshutdown-timeout = 3\n"
-                          "single = yes\naccess_log = /tmp/access.log\n")
+                          "single = yes\naccess_log = /tmp/access.log\ncpu-affinity = on\n")
         settings = parse(["--config", path])
+        self.assertTrue(settings.cpu_affinity)
         self.assertEqual(settings.workers, 6)
         self.assertEqual(settings.shutdown_timeout, 3.0)
         self.assertTrue(settings.single)
