@@ -158,9 +158,10 @@ class ConnectionDispatcher:
     kernel's backlog.
 
     One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}), lets the
-    L{Dealer} split it, and sends each worker its share in one message.  A connection no worker can take yet
-    (every channel full) is held, not dropped: the master stops accepting,
-    so the backlog takes the pressure, and retries shortly.
+    L{Dealer} split it, and sends each worker its share in one message.  A
+    connection no worker can take yet (every channel full) is held, not
+    dropped: the master stops accepting, so the backlog takes the pressure,
+    and retries shortly.
     """
 
     def __init__(self, reactor: Any, listening_fd: int,
