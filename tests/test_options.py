@@ -140,6 +140,12 @@ class EnvironmentTests(unittest.TestCase):
         self.assertFalse(settings.cpu_affinity)
         self.assertIn("TXCLUSTER_CPU_AFFINITY='sometimes'", settings.warnings[0])
 
+    def test_cpu_affinity_with_single_warns(self):
+        settings = parse(["--single"], environ={"TXCLUSTER_CPU_AFFINITY": "1"})
+        self.assertEqual(settings.warnings, (
+            "ignoring cpu-affinity (from TXCLUSTER_CPU_AFFINITY): "
+            "there are no workers to pin with --single",))
+
 
 class ConfigFileTests(unittest.TestCase):
     def write(self, text):

@@ -401,6 +401,9 @@ def resolve(
     if resolved["workers"] is None:
         resolved["workers"] = cpu_count()
     resolved["config"] = config_path
+    if resolved["single"] and resolved["cpu_affinity"]:
+        warnings.append(f"ignoring cpu-affinity (from {sources['cpu-affinity']}): "
+                        "there are no workers to pin with --single")
     return Settings(warnings=tuple(warnings), **resolved)
 
 
