@@ -12,11 +12,11 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any, Callable, Iterable
 
-from twisted.internet.address import _ProcessAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProcessTransport, ITransport
+from twisted.internet.interfaces import IAddress, IProcessTransport, ITransport
 from twisted.protocols import amp
 from zope.interface import implementer
+
 
 class ExitStatus(IntEnum):
     """Exit codes, after gunicorn's."""
@@ -70,6 +70,14 @@ class StartCron(amp.Command):
     requiresAnswer = False
 
 
+@implementer(IAddress)
+class PipeAddress:
+    """Either end of a control pipe: it has no address."""
+
+    def __repr__(self) -> str:
+        return "PipeAddress()"
+
+
 @implementer(ITransport)
 class ChildPipeTransport:
     """Writes to one of a child's pipes, so AMP can run over it."""
@@ -87,11 +95,11 @@ class ChildPipeTransport:
     def loseConnection(self) -> None:
         self._process.closeChildFD(self._fd)
 
-    def getPeer(self) -> _ProcessAddress:
-        return _ProcessAddress()
+    def getPeer(self) -> PipeAddress:
+        return PipeAddress()
 
-    def getHost(self) -> _ProcessAddress:
-        return _ProcessAddress()
+    def getHost(self) -> PipeAddress:
+        return PipeAddress()
 
 
 class _QuietAMP(amp.AMP):
