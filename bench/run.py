@@ -49,13 +49,12 @@ from typing import Dict, List, Optional, Sequence
 
 try:
     from txcluster.load import WrkResult, run_wrk
-    from txcluster.testing import RunningCluster, pid_alive, start_cluster, wait_until
+    from txcluster.testing import (
+        RunningCluster, clean_environment, pid_alive, start_cluster, wait_until,
+    )
 except ImportError:  # pragma: no cover - wrong interpreter
     sys.exit("bench/run.py: cannot import txcluster; run it with the python of the venv "
              "where txcluster is installed (e.g. /tmp/venv/bin/python bench/run.py)")
-
-#: Variables that would change what the cluster does (as in tests/integration.py).
-_OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
 
 _READY = r"worker {id} \(pid (\d+)\) ready"
 
@@ -64,8 +63,7 @@ class Bench:
     def __init__(self, options: argparse.Namespace) -> None:
         self.o = options
         self.tmp = tempfile.TemporaryDirectory(prefix="txcluster-bench-")
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
+        self.env = clean_environment()
         self.cwd = options.app_dir or self.tmp.name
         self.rows: List[tuple] = []  # (config, mode, WrkResult, workers, round)
         self.rss: Dict[str, str] = {}

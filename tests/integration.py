@@ -7,21 +7,12 @@ import tempfile
 
 from twisted.trial import unittest
 
-from txcluster.testing import RunningCluster, start_cluster
+from txcluster.testing import RunningCluster, clean_environment, start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_APP = "tests.apps:cluster"
 
-#: Variables that would change what a test cluster does if the developer's
-#: or CI's environment happened to set them.
-_OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
-
-
-def clean_environment(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
-    env.update(extra)
-    return env
+__all__ = ["ROOT", "TEST_APP", "ClusterTestCase", "clean_environment", "free_port"]
 
 
 def free_port() -> int:

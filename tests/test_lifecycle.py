@@ -11,6 +11,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from txcluster.balancing import cpu_for
 from txcluster.testing import Load, pid_alive, wait_until
 
 from .integration import ClusterTestCase
@@ -251,8 +252,6 @@ class CpuAffinityTests(RespawnAssertions, ClusterTestCase):
     workers included; the master itself stays unpinned."""
 
     def test_workers_are_pinned_and_respawns_keep_their_cpu(self):
-        from txcluster.balancing import cpu_for
-
         cpus = sorted(os.sched_getaffinity(0))  # the cluster inherits ours
         cluster = self.start(workers=3, args=("--cpu-affinity",))
         workers = cluster.ready_workers()

@@ -41,8 +41,8 @@ class KernelBalanceWrkLoadTests(WrkLoadTests):
 
 
 class CpuAffinityWrkLoadTests(WrkLoadTests):
-    """Connections go to a worker on the CPU that received them, and the
-    split stays even."""
+    """With pinned workers and steering (unit-tested in test_balancing),
+    the load is still spread over every worker."""
 
     workers = 4
     cluster_args = ("--cpu-affinity",)

@@ -98,41 +98,43 @@ class Dealer:
     Which worker takes each new connection.
 
     The least-served worker first, in the order given, which is round-robin
-    while every worker takes its turn; a worker that joins (a respawn, a
-    rolling restart, SIGTTIN) starts level with the least served, so it is
-    not flooded.  When workers are pinned, a connection goes to the
-    least-served worker on the CPU that received it, unless that worker is
-    more than L{slack} connections ahead of the least-served one: however
-    unevenly connections arrive over the CPUs, the split stays even.
+    while every worker takes its turn.  When workers are pinned, a
+    connection goes to the least-served worker on the CPU that received it,
+    unless that worker is more than L{SLACK} connections ahead of the least
+    served: however unevenly connections arrive over the CPUs, no worker
+    gets more than C{SLACK + 1} connections ahead of another.
+
+    No worker falls further behind than that either: one that joins (a
+    respawn, a rolling restart, SIGTTIN) or that could not take its share
+    for a while (its channel was full) is lifted to that distance from the
+    most served, so it is never flooded with a burst to catch up.
     """
+
+    SLACK = 1
 
     def __init__(self) -> None:
         self._served: Dict[WorkerChannel, int] = {}
 
-    @staticmethod
-    def slack(least: int) -> int:
-        """How far ahead of the least-served a worker on the right CPU may be."""
-        return 1 + least // 8
-
     def deal(self, accepted: Sequence[Accepted],
              targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
-        """Each target's share of C{accepted}; L{served} records what it took."""
-        least_before = min(self._served.values(), default=0)
+        """Each target's share of C{accepted}; L{record} what it took."""
+        floor = max(self._served.values(), default=0) - (self.SLACK + 1)
         for target in targets:
-            self._served.setdefault(target, least_before)
+            self._served[target] = max(self._served.get(target, floor), floor)
         counts = {t: self._served[t] for t in targets}
         shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
         for connection in accepted:
             least = min(counts.values())
             local = [t for t in targets if t.cpu is not None and t.cpu == connection.cpu]
             choice = min(local, key=counts.__getitem__) if local else None
-            if choice is None or counts[choice] > least + self.slack(least):
+            if choice is None or counts[choice] > least + self.SLACK:
                 choice = min(targets, key=counts.__getitem__)
             counts[choice] += 1
             shares[choice].append(connection)
         return [shares[t] for t in targets]
 
-    def served(self, target: WorkerChannel, n: int) -> None:
+    def record(self, target: WorkerChannel, n: int) -> None:
+        """C{target} took C{n} connections."""
         self._served[target] = self._served.get(target, 0) + n
 
     def keep_only(self, targets: Sequence[WorkerChannel]) -> None:
@@ -144,24 +146,25 @@ def incoming_cpu(client: socket.socket) -> Optional[int]:
     """The CPU whose network stack last received data for C{client}."""
     try:
         cpu = client.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux, or not IP
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
         return None
-    return cpu if cpu >= 0 else None
+    return cpu if cpu >= 0 else None  # -1: unknown (a Unix socket, say)
 
 
 @implementer(IReadDescriptor)
 class ConnectionDispatcher:
     """
     Master side of round-robin: accept on the listening socket and send
-    each connection to the next of C{targets()}, the channels of the ready
-    workers.  While there is no ready worker, connections wait in the
-    kernel's backlog.
+    each connection to one of C{targets()}, the channels of the ready
+    workers, as the L{Dealer} decides.  While there is no ready worker,
+    connections wait in the kernel's backlog.
 
-    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}), lets the
-    L{Dealer} split it, and sends each worker its share in one message.  A
-    connection no worker can take yet (every channel full) is held, not
-    dropped: the master stops accepting, so the backlog takes the pressure,
-    and retries shortly.
+    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}) and sends
+    each worker its share in one message.  A connection no worker can take
+    yet (every channel full) is held, not dropped: the master stops
+    accepting, so the backlog takes the pressure, and retries shortly.  So
+    at most L{ACCEPT_BATCH} connections are ever held, and no message
+    carries more descriptors than a worker reads at once.
     """
 
     def __init__(self, reactor: Any, listening_fd: int,
@@ -202,9 +205,11 @@ class ConnectionDispatcher:
             self._reactor.removeReader(self)
 
     def close(self) -> None:
-        """Stop for good.  Connections still held are closed, like those
+        """Stop for good: send what is held to the workers still serving
+        (they drain it), and close what none can take, like the connections
         left in the backlog when the listening socket closes."""
         self.stop()
+        self._send_held()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         for connection in self._held:
@@ -227,7 +232,7 @@ class ConnectionDispatcher:
 
     def _accept_waiting(self) -> List[socket.socket]:
         accepted: List[socket.socket] = []
-        while len(accepted) < ACCEPT_BATCH:
+        while len(accepted) + len(self._held) < ACCEPT_BATCH:
             try:
                 client, _ = self._socket.accept()
             except BlockingIOError:
@@ -246,27 +251,27 @@ class ConnectionDispatcher:
     def _send_held(self) -> None:
         """Deal the held connections over the ready workers, one message
         per worker; a worker that cannot take its share (busy, gone, over
-        its fd limit) leaves it to be dealt again over the others."""
+        its fd limit) leaves it to be dealt again over the others.  What
+        none takes stays held: accepting stops, and while some worker is
+        ready a retry is due (else the next ready worker's start())."""
         targets = self._targets()
         self._dealer.keep_only(targets)
-        pending, self._held = self._held, []
-        while pending and targets:
-            shares = self._dealer.deal(pending, targets)
-            pending = []
-            refused = []
-            for target, share in zip(targets, shares):
-                if not share:
-                    continue
-                if self._send(target.socket, share):
-                    self._dealer.served(target, len(share))
-                else:
-                    pending += share
-                    refused.append(target)
-            targets = [t for t in targets if t not in refused]
-        self._held = pending
-        if self._held:
-            self.stop()
-            self._schedule_retry()
+        try:
+            while self._held and targets:
+                shares = self._dealer.deal(self._held, targets)
+                refused = []
+                for target, share in zip(targets, shares):
+                    if share and self._send(target.socket, share):
+                        self._dealer.record(target, len(share))
+                        self._held = [c for c in self._held if c not in share]
+                    elif share:
+                        refused.append(target)
+                targets = [t for t in targets if t not in refused]
+        finally:
+            if self._held:
+                self.stop()
+                if self._targets():
+                    self._schedule_retry()
 
     def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
         try:
@@ -284,9 +289,11 @@ class ConnectionDispatcher:
 
     def _retry_held(self) -> None:
         self._retry = None
-        self._send_held()
-        if not self._held:
-            self.start()
+        try:
+            self._send_held()
+        finally:
+            if not self._held:
+                self.start()
 
     def connectionLost(self, reason: Any) -> None:
         """doRead raised: Twisted has dropped us from the reactor."""
@@ -342,8 +349,9 @@ class ConnectionReceiver:
                 log.warn("receiving connections failed: {error}", error=e)
                 return None
             if flags & socket.MSG_CTRUNC:  # the kernel closed what did not fit
-                log.error("a message from the master carried more than {n} connections",
-                          n=ACCEPT_BATCH)
+                log.error("connections lost: the message from the master was truncated "
+                          "(this worker is out of file descriptors, or more than {n} "
+                          "came at once)", n=ACCEPT_BATCH)
             for fd in fds:
                 self._adopt(fd)
             if not data:  # the master closed its end: it is gone

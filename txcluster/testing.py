@@ -42,7 +42,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
 from .load import Load, LoadThread, run_wrk, wrk_available
 
 __all__ = [
-    "ClusterTimeout", "Load", "LoadThread", "RunningCluster", "eventually", "pid_alive",
+    "ClusterTimeout", "Load", "LoadThread", "RunningCluster", "clean_environment",
+    "eventually", "pid_alive",
     "run_wrk", "start_cluster", "twistd_command", "wait_until", "wrk_available",
 ]
 
@@ -50,6 +51,21 @@ T = TypeVar("T")
 
 _LISTENING = re.compile(r"listening on (?P<address>[^\s,]+)")
 _READY = re.compile(r"worker (?P<id>\d+) \(pid (?P<pid>\d+)\) ready")
+
+
+#: Variables that would change what a cluster does if the developer's or
+#: CI's environment happened to set them.
+_OURS = ("WEB_CONCURRENCY", "CLUSTERING_ENABLED", "PORT", "REDIS_URL")
+
+
+def clean_environment(**extra: str) -> Dict[str, str]:
+    """This process's environment without what would configure a cluster
+    (C{TXCLUSTER_*}, C{WEB_CONCURRENCY}, ...) or a test (C{TEST_*}), plus
+    C{extra}."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TXCLUSTER_", "TEST_")) and k not in _OURS}
+    env.update(extra)
+    return env
 
 
 class ClusterTimeout(AssertionError):
