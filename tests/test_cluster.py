@@ -143,7 +143,10 @@ class ConfigurationTests(ClusterTestCase):
                 cwd=ROOT, env=clean_environment(), capture_output=True, text=True, timeout=30)
             output = result.stdout + result.stderr
             self.assertNotEqual(result.returncode, 0)
-            self.assertIn(named, output)
+            lines = [line for line in output.splitlines() if line.strip()]
+            self.assertEqual(len(lines), 1, output)
+            self.assertTrue(lines[0].startswith("txcluster: error: "), output)
+            self.assertIn(named, lines[0])
             self.assertNotIn("Traceback", output)
             self.assertNotIn("worker 1", output)
 

@@ -30,3 +30,17 @@ class BuildServiceTests(unittest.TestCase):
                                       "--ready-timeout", "11", "--respawn-delay", "3"))
         self.assertEqual((policy.silence_timeout, policy.shutdown_timeout,
                           policy.ready_timeout, policy.max_delay), (7, 9, 11, 3))
+
+
+class UsageErrorTests(unittest.TestCase):
+    def test_a_bad_value_is_one_line_naming_it(self):
+        for argv, named in [(["--workers", "abc"], "--workers 'abc'"),
+                            (["--wrokers", "3"], "wrokers")]:
+            error = self.assertRaises(SystemExit, settings, *argv)
+            self.assertIsInstance(error.code, str)
+            self.assertEqual(len(error.code.splitlines()), 1)
+            self.assertIn(named, error.code)
+
+    def test_help_still_exits_0(self):
+        error = self.assertRaises(SystemExit, settings, "--help")
+        self.assertEqual(error.code, 0)

@@ -1,10 +1,11 @@
 """
 The twistd/twist plugin's entry points: L{Options} and L{makeService}.
 
-Two process-level concerns live here because only the program's entry
-point may own them: a startup error (such as an address in use) prints one
-line instead of a traceback, and the master's exit status (1 after a crash
-loop) survives twistd, which otherwise always exits 0.
+Process-level concerns live here because only the program's entry point
+may own them: a usage error or a startup error (such as an address in use)
+prints one line instead of the whole help or a traceback, and the master's
+exit status (1 after a crash loop) survives twistd, which otherwise always
+exits 0.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from .listening import StartupError
 from .options import ClusterOptions, Settings
@@ -23,7 +25,15 @@ __all__ = ["Options", "makeService", "build_service"]
 
 
 class Options(ClusterOptions):
-    """The options twistd parses, plus a choice only the program may make."""
+    """The options twistd parses, plus choices only the program may make."""
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """A usage error is one line on stderr, not twistd's whole help
+        followed by the error."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"txcluster: error: {e} (see twistd txcluster --help)") from None
 
     def before_endpoint_check(self, settings: Settings) -> None:
         if not settings.single and not settings.listen.startswith("ssl:"):
