@@ -195,6 +195,23 @@ class RoundRobinTests(unittest.TestCase):
         self.assertIn(self.dispatcher, self.reactor.readers)
         self.assertEqual(self.received(0), 1)
 
+    def test_an_unexpected_error_while_sending_loses_no_connection(self):
+        send_fds = socket.send_fds
+
+        def broken(*args):
+            raise RuntimeError("unexpected")
+
+        self.patch(socket, "send_fds", broken)
+        self.dispatcher.start()
+        self.connect(2)
+        self.assertRaises(RuntimeError, self.dispatcher.doRead)
+        self.assertEqual(self.dispatcher.held, 2)
+        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.patch(socket, "send_fds", send_fds)
+        self.reactor.advance(RETRY_SECONDS)
+        self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
+        self.assertIn(self.dispatcher, self.reactor.readers)
+
     def test_close_sends_held_connections_to_a_worker_that_can_take_them(self):
         for i in range(3):
             self.fill(i)
