@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from txcluster import balancing
 from txcluster.balancing import (
-    RETRY_SECONDS, Accepted, ConnectionDispatcher, ConnectionReceiver, Dealer, WorkerChannel,
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, ConnectionReceiver, Dealer, WorkerChannel,
     accept_one_per_wakeup, cpu_for,
 )
 
@@ -211,6 +211,39 @@ class RoundRobinTests(unittest.TestCase):
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
         self.assertIn(self.dispatcher, self.reactor.readers)
+
+    def test_a_failing_listening_socket_pauses_accepting_instead_of_spinning(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # accept() now fails every time
+        self.dispatcher.start()
+        self.dispatcher.doRead()  # returns
+        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.reactor.advance(PAUSE_SECONDS)
+        self.assertIn(self.dispatcher, self.reactor.readers)
+
+    def test_a_stopped_receiver_refuses_what_comes_later(self):
+        receiver = ConnectionReceiver(self.reactor, os.dup(self.channels[0][1].fileno()),
+                                      Factory())
+        receiver.startListening()
+        self.successResultOf(receiver.stopListening())
+        self.connect(2)
+        self.dispatcher.doRead()  # the master did not know worker 0 was stopping
+        self.assertEqual(self.dispatcher.dispatched, 2)
+        self.assertEqual(self.received(1) + self.received(2), 2)
+
+    def test_close_finishes_even_if_sending_fails(self):
+        def broken(*args):
+            raise RuntimeError("unexpected")
+
+        self.patch(socket, "send_fds", broken)
+        clients = self.connect(1)
+        self.assertRaises(RuntimeError, self.dispatcher.doRead)
+        self.dispatcher.close()
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual((self.dispatcher.held, self.reactor.getDelayedCalls()), (0, []))
+        self.dispatcher.start()  # a worker reporting ready during shutdown
+        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        clients[0].settimeout(5)
+        self.assertEqual(clients[0].recv(1), b"")
 
     def test_close_sends_held_connections_to_a_worker_that_can_take_them(self):
         for i in range(3):

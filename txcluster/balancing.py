@@ -52,6 +52,17 @@ ACCEPT_BATCH = 64
 #: holds what it accepted, stops accepting, and retries after this many seconds.
 RETRY_SECONDS = 0.01
 
+#: After accept() fails for another reason than one connection's (out of
+#: descriptors or memory, say), the master stops accepting for this long:
+#: the socket stays readable, so retrying at once would spin.
+PAUSE_SECONDS = 0.1
+
+#: accept(2) errors that concern one connection only, to be treated like EAGAIN.
+_ONE_CONNECTION_ERRORS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ENETDOWN,
+    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.ENETUNREACH,
+})
+
 
 def cpu_for(worker_id: int, cpus: Sequence[int]) -> int:
     """The CPU that worker C{worker_id} (1..N) is pinned to with
@@ -176,6 +187,7 @@ class ConnectionDispatcher:
         self._dealer = Dealer()
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
+        self._closed = False
         self.reading = False
         self.dispatched = 0
 
@@ -192,6 +204,8 @@ class ConnectionDispatcher:
 
     def start(self) -> None:
         """(Re)start accepting; called whenever a worker becomes ready."""
+        if self._closed:
+            return
         if self._held:
             self._schedule_retry()  # accepting resumes once they are sent
         elif not self.reading and self._socket.fileno() >= 0:
@@ -208,16 +222,23 @@ class ConnectionDispatcher:
         """Stop for good: send what is held to the workers still serving
         (they drain it), and close what none can take, like the connections
         left in the backlog when the listening socket closes."""
+        if self._closed:
+            return
+        self._closed = True
         self.stop()
-        self._send_held()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        for connection in self._held:
-            connection.client.close()
-        if self._held:
-            log.warn("closed {n} connections no worker could take", n=len(self._held))
-        self._held.clear()
-        self._socket.close()  # our copy only: never shutdown()
+        try:
+            self._send_held()
+        except Exception:
+            log.failure("could not send the held connections at shutdown")
+        finally:
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            for connection in self._held:
+                connection.client.close()
+            if self._held:
+                log.warn("closed {n} connections no worker could take", n=len(self._held))
+            self._held = []
+            self._socket.close()  # our copy only: never shutdown()
 
     def doRead(self) -> None:
         targets = self._targets()
@@ -238,13 +259,12 @@ class ConnectionDispatcher:
             except BlockingIOError:
                 break
             except OSError as e:
-                # Out of descriptors or memory: try again on the next wakeup.
-                # Anything else (ECONNABORTED, EPROTO, ...) concerns that one
-                # connection only; accept(2) says to treat it like EAGAIN.
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warn("accept() failed: {error}", error=e)
-                    break
-                continue
+                if e.errno in _ONE_CONNECTION_ERRORS:  # that client is gone: next
+                    continue
+                log.warn("accept() failed: {error}; pausing", error=e)
+                self.stop()
+                self._reactor.callLater(PAUSE_SECONDS, self.start)
+                break
             accepted.append(client)
         return accepted
 
@@ -289,6 +309,8 @@ class ConnectionDispatcher:
 
     def _retry_held(self) -> None:
         self._retry = None
+        if self._closed:
+            return
         try:
             self._send_held()
         finally:
@@ -331,7 +353,11 @@ class ConnectionReceiver:
     def stopListening(self) -> Deferred:
         if self._channel.fileno() >= 0:
             self._reactor.removeReader(self)
-            self.doRead()  # what the master sent before it stopped sending
+            # The master may not know yet that this worker is stopping (say,
+            # systemd sent SIGTERM to every process): from now on its sends
+            # fail, and it deals those connections to another worker.
+            self._channel.shutdown(socket.SHUT_RD)
+            self.doRead()  # what the master sent before
             self._channel.close()
             self._factory.doStop()
         return succeed(None)

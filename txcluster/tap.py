@@ -33,7 +33,8 @@ class Options(ClusterOptions):
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            raise SystemExit(f"txcluster: error: {e} (see twistd txcluster --help)") from None
+            program = os.path.basename(sys.argv[0]) or "twistd"  # twistd or twist
+            raise SystemExit(f"txcluster: error: {e} (see {program} txcluster --help)") from None
 
     def before_endpoint_check(self, settings: Settings) -> None:
         if not settings.single and not settings.listen.startswith("ssl:"):
