@@ -360,7 +360,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="cluster sizes, comma-separated (default 1,2,4)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per size; ratios are medians of per-round ratios "
-                        "(default 5; 1 with --quick)")
+                        "(default 9; 1 with --quick)")
     p.add_argument("--respawn-samples", type=int, default=None,
                    help="kill -9 samples on the largest cluster (default 5; 3 with --quick)")
     p.add_argument("--app", default=None,
@@ -378,7 +378,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if options.duration is None:
         options.duration = 1 if options.quick else 3
     if options.rounds is None:
-        options.rounds = 1 if options.quick else 5
+        options.rounds = 1 if options.quick else 9
     if options.respawn_samples is None:
         options.respawn_samples = 3 if options.quick else 5
     if options.connections < 1 or options.threads < 1 or options.duration < 1:
