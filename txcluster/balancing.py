@@ -227,7 +227,7 @@ class ConnectionDispatcher:
         self._closed = True
         self.stop()
         try:
-            self._send_held()
+            self._send_held(self._targets())
         except Exception:
             log.failure("could not send the held connections at shutdown")
         finally:
@@ -249,7 +249,7 @@ class ConnectionDispatcher:
         self._held.extend(
             Accepted(client, incoming_cpu(client) if steering else None)
             for client in self._accept_waiting())
-        self._send_held()
+        self._send_held(targets)
 
     def _accept_waiting(self) -> List[socket.socket]:
         accepted: List[socket.socket] = []
@@ -268,14 +268,14 @@ class ConnectionDispatcher:
             accepted.append(client)
         return accepted
 
-    def _send_held(self) -> None:
-        """Deal the held connections over the ready workers, one message
+    def _send_held(self, ready: List[WorkerChannel]) -> None:
+        """Deal the held connections over the C{ready} workers, one message
         per worker; a worker that cannot take its share (busy, gone, over
         its fd limit) leaves it to be dealt again over the others.  What
         none takes stays held: accepting stops, and while some worker is
         ready a retry is due (else the next ready worker's start())."""
-        targets = self._targets()
-        self._dealer.keep_only(targets)
+        self._dealer.keep_only(ready)
+        targets = list(ready)
         try:
             while self._held and targets:
                 shares = self._dealer.deal(self._held, targets)
@@ -290,7 +290,7 @@ class ConnectionDispatcher:
         finally:
             if self._held:
                 self.stop()
-                if self._targets():
+                if ready:
                     self._schedule_retry()
 
     def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
@@ -312,7 +312,7 @@ class ConnectionDispatcher:
         if self._closed:
             return
         try:
-            self._send_held()
+            self._send_held(self._targets())
         finally:
             if not self._held:
                 self.start()
