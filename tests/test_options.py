@@ -9,6 +9,9 @@ from twisted.trial import unittest
 
 from txcluster.options import SETTINGS, ClusterOptions, Settings
 
+#: The checkout, found at import time: trial runs tests from its own temp directory.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def parse(argv=(), environ=None, cpus=3):
     options = ClusterOptions(environ={} if environ is None else environ,
@@ -217,8 +220,7 @@ class ConfigFileTests(unittest.TestCase):
         self.assertRaises(usage.UsageError, parse, ["--config", path])
 
     def test_shipped_twistd_conf_is_valid(self):
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        settings = parse(["--config", os.path.join(here, "twistd.conf")])
+        settings = parse(["--config", os.path.join(ROOT, "twistd.conf")])
         self.assertEqual(settings.app, "txcluster.demo:cluster")
 
 
