@@ -23,7 +23,11 @@ side by side, the baseline and the clusters:
 Each round measures them one after the other, with keep-alive and with
 ``Connection: close``, starting one place further along the list each
 round; ratios are medians of per-round ratios, so a drift in the machine's
-load during the run cancels out.  Then the respawn latency
+load during the run cancels out.  Each measurement also counts the
+rescheduling interrupts (``RES`` in /proc/interrupts) per request: a task
+woken on another CPU than the one that woke it.  That is what sharing a
+port costs: the parallel limit pairs each wrk thread with its own server,
+and the scheduler keeps each pair on one CPU.  Then the respawn latency
 (SIGKILL a worker, time until its replacement answers a request)
 and the RSS of the master and the workers.  Everything it starts is killed
 when it ends.
@@ -45,7 +49,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
 
 try:
     from txcluster.load import WrkResult, run_wrk
@@ -57,13 +62,25 @@ except ImportError:  # pragma: no cover - wrong interpreter
              "where txcluster is installed (e.g. /tmp/venv/bin/python bench/run.py)")
 
 
+@dataclass(frozen=True)
+class Row:
+    """One wrk measurement."""
+
+    config: str
+    mode: str  # "keep-alive" or "close"
+    result: WrkResult
+    workers: int  # workers that name themselves in answers (0: not a cluster)
+    round: int
+    wakeups_across_cpus: Optional[float]  # rescheduling interrupts per request
+
+
 class Bench:
     def __init__(self, options: argparse.Namespace) -> None:
         self.o = options
         self.tmp = tempfile.TemporaryDirectory(prefix="txcluster-bench-")
         self.env = clean_environment()
         self.cwd = options.app_dir or self.tmp.name
-        self.rows: List[tuple] = []  # (config, mode, WrkResult, workers, round)
+        self.rows: List[Row] = []
         self.rss: Dict[str, str] = {}
         self.respawn: List[float] = []
 
@@ -116,9 +133,14 @@ class Bench:
                 round_: int = 0) -> None:
         for close in (False, True):
             mode = "close" if close else "keep-alive"
+            before = rescheduling_interrupts()
             result = self.wrk(urls, close)
-            self.rows.append((config, mode, result, expected_workers, round_))
+            after = rescheduling_interrupts()
+            wakeups = ((after - before) / result.requests
+                       if before is not None and after is not None and result.requests else None)
+            self.rows.append(Row(config, mode, result, expected_workers, round_, wakeups))
             print(f"  round {round_ + 1}  {config:<31} {mode:<10} {result.rps:8.0f} req/s"
+                  f"  {_wakeups_text(wakeups)} cross-CPU wake-ups/req"
                   f"{self._share_text(result, expected_workers)}", flush=True)
 
     # Runs ----------------------------------------------------------------------
@@ -201,24 +223,31 @@ class Bench:
         counts = " ".join(f"w{i}={c}" for i, c in sorted(shares.items()))
         return f"   shares {counts}  max/min {spread}"
 
+    def _rows(self, config: str, mode: str) -> Iterator[Row]:
+        return (row for row in self.rows if (row.config, row.mode) == (config, mode))
+
     def _median_rps(self, config: str, mode: str) -> float:
-        return statistics.median(r.rps for c, m, r, _, _ in self.rows if (c, m) == (config, mode))
+        return statistics.median(row.result.rps for row in self._rows(config, mode))
+
+    def _median_wakeups(self, config: str, mode: str) -> Optional[float]:
+        values = [row.wakeups_across_cpus for row in self._rows(config, mode)
+                  if row.wakeups_across_cpus is not None]
+        return statistics.median(values) if values else None
 
     def _shares(self, config: str, mode: str, expected: int) -> Dict[int, int]:
         """Requests per worker, summed over the rounds."""
         total = {i: 0 for i in range(1, expected + 1)}
-        for c, m, r, _, _ in self.rows:
-            if (c, m) == (config, mode):
-                for worker, count in share(r, expected).items():
-                    total[worker] += count
+        for row in self._rows(config, mode):
+            for worker, count in share(row.result, expected).items():
+                total[worker] += count
         return total
 
     def _ratios(self, top: str, bottom: str, mode: str) -> List[float]:
         """top/bottom in each round, each pair from one round."""
         by_round: Dict[int, Dict[str, float]] = {}
-        for c, m, r, _, round_ in self.rows:
-            if m == mode and c in (top, bottom):
-                by_round.setdefault(round_, {})[c] = r.rps
+        for row in self.rows:
+            if row.mode == mode and row.config in (top, bottom):
+                by_round.setdefault(row.round, {})[row.config] = row.result.rps
         return [v[top] / v[bottom] for v in by_round.values()
                 if top in v and bottom in v and v[bottom]]
 
@@ -230,16 +259,18 @@ class Bench:
 
     def report(self) -> None:
         configs: List[tuple] = []
-        for c, _, _, expected, _ in self.rows:
-            if (c, expected) not in configs:
-                configs.append((c, expected))
+        for row in self.rows:
+            if (row.config, row.workers) not in configs:
+                configs.append((row.config, row.workers))
         print(f"\nmedian of {self.o.rounds} rounds of {self.o.duration} s")
-        print(f"{'config':<32}{'mode':<11}{'req/s':>8}{'errors':>8}  per-worker share (max/min)")
+        print(f"{'config':<32}{'mode':<11}{'req/s':>8}{'errors':>8}{'x-CPU/req':>11}"
+              "  per-worker share (max/min)")
         for config, expected in configs:
             for mode in ("keep-alive", "close"):
-                errors = sum(r.errors + r.non2xx for c, m, r, _, _ in self.rows
-                             if (c, m) == (config, mode))
-                line = f"{config:<32}{mode:<11}{self._median_rps(config, mode):>8.0f}{errors:>8}"
+                errors = sum(row.result.errors + row.result.non2xx
+                             for row in self._rows(config, mode))
+                line = (f"{config:<32}{mode:<11}{self._median_rps(config, mode):>8.0f}{errors:>8}"
+                        f"{_wakeups_text(self._median_wakeups(config, mode)):>11}")
                 if expected:
                     shares = self._shares(config, mode, expected)
                     total = sum(shares.values()) or 1
@@ -276,6 +307,25 @@ class Bench:
             print(f"  {what:<40}{text}")
         print(f"\nload average at the end: {_loadavg()}  (other processes on the machine "
               "skew every number above)")
+
+
+def rescheduling_interrupts() -> Optional[int]:
+    """Rescheduling interrupts so far, over all CPUs (the C{RES} line of
+    /proc/interrupts, on x86 Linux): a task woken on another CPU than the
+    waker's.  C{None} where there is no such line."""
+    try:
+        with open("/proc/interrupts") as f:
+            for line in f:
+                name, _, counts = line.partition(":")
+                if name.strip() == "RES":
+                    return sum(int(c) for c in counts.split() if c.isdigit())
+    except OSError:
+        pass
+    return None
+
+
+def _wakeups_text(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _answered_by_new(cluster: RunningCluster, worker: int, old_pid: int) -> bool:

@@ -43,7 +43,7 @@ class BenchSmokeTests(unittest.TestCase):
              "--workers", "2", "--balance", "round-robin", "--respawn-samples", "1"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        for line in ("cluster-2/round-robin / parallel-2", "reuseport-2 / parallel-2",
+        for line in ("x-CPU/req", "cluster-2/round-robin / parallel-2", "reuseport-2 / parallel-2",
                      "per-worker share max/min", "respawn (kill -9", "cluster-2/round-robin master"):
             self.assertIn(line, result.stdout)
         self.assertEqual(processes_with(marker), [])
