@@ -8,8 +8,8 @@ from twisted.trial import unittest
 
 from txcluster import balancing
 from txcluster.balancing import (
-    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, ConnectionReceiver, Dealer, WorkerChannel,
-    accept_one_per_wakeup, cpu_for,
+    PAUSE_SECONDS, RECONNECT_AFTER_REQUESTS, RETRY_SECONDS, Accepted, ConnectionDispatcher,
+    ConnectionReceiver, Dealer, Locality, WorkerChannel, accept_one_per_wakeup, cpu_for,
 )
 
 
@@ -342,3 +342,68 @@ class DealerTests(unittest.TestCase):
 
     def test_cpu_for_takes_usable_cpus_in_turn(self):
         self.assertEqual([cpu_for(i, [5, 3]) for i in range(1, 6)], [3, 5, 3, 5, 3])
+
+
+class FakeClientSocket:
+    """A connected socket as far as SO_INCOMING_CPU goes."""
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+
+    def getsockopt(self, level, option):
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
+        return self.cpu
+
+
+class LocalityTests(unittest.TestCase):
+    """--cpu-affinity: a keep-alive connection whose client moved to another
+    worker's CPU is sent back to be dealt again, after enough requests."""
+
+    locality = Locality(home=1, served=frozenset({0, 1, 2}))
+    enough = RECONNECT_AFTER_REQUESTS
+
+    def test_client_on_another_workers_cpu_reconnects(self):
+        self.assertTrue(self.locality.should_reconnect(FakeClientSocket(0), self.enough))
+        self.assertTrue(self.locality.should_reconnect(FakeClientSocket(2), self.enough + 7))
+
+    def test_not_before_enough_requests(self):
+        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(0), self.enough - 1))
+
+    def test_client_on_this_cpu_stays(self):
+        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(1), self.enough))
+
+    def test_client_on_a_cpu_without_worker_stays(self):
+        # Reconnecting could not bring it closer to any worker.
+        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(3), self.enough))
+
+    def test_unknown_cpu_stays(self):
+        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(-1), self.enough))
+        self.assertFalse(self.locality.should_reconnect(object(), self.enough))  # not a socket
+
+    def test_environment_round_trip_when_pinned(self):
+        environ = self.locality.to_environment()
+        self.assertEqual(Locality.from_environment(environ, affinity=lambda: {1}), self.locality)
+
+    def test_none_when_not_pinned_to_home(self):
+        environ = self.locality.to_environment()
+        self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0, 1}))
+        self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0}))
+
+    def test_none_when_not_asked(self):
+        self.assertIsNone(Locality.from_environment({}, affinity=lambda: {1}))
+        self.assertIsNone(Locality.from_environment(
+            {"TXCLUSTER_WORKER_CPU": "x", "TXCLUSTER_WORKER_CPUS": "0"}, affinity=lambda: {0}))
+
+    def test_master_passes_each_worker_its_cpu_and_the_served_ones(self):
+        from txcluster.options import Settings
+        from txcluster.process import WorkerSpawner
+
+        cpus = sorted(os.sched_getaffinity(0))
+        spawner = WorkerSpawner(Clock(), Settings(cpu_affinity=True), -1, environ={})
+        environ = spawner.environment(worker_id=2, count=2)
+        expected = Locality(cpu_for(2, cpus), frozenset({cpu_for(1, cpus), cpu_for(2, cpus)}))
+        self.assertEqual(Locality.from_environment(environ, affinity=lambda: {expected.home}),
+                         expected)
+        for settings in (Settings(), Settings(cpu_affinity=True, balance=balancing.KERNEL)):
+            environ = WorkerSpawner(Clock(), settings, -1, environ={}).environment(2, 2)
+            self.assertNotIn("TXCLUSTER_WORKER_CPU", environ)

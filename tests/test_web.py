@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from txcluster.balancing import RECONNECT_AFTER_REQUESTS, Locality
 from txcluster.web import FRESH_CONNECTION_GRACE, ClusterSite
 
 
@@ -112,6 +113,48 @@ class DrainTests(unittest.TestCase):
         channel.dataReceived(REQUEST)
         site.abort()
         self.assertTrue(transport.disconnecting)
+
+
+class SocketTransport(StringTransport):
+    """A transport whose handle reports the CPU its packets arrive on."""
+
+    incoming_cpu = 0
+
+    def getHandle(self):
+        return self
+
+    def getsockopt(self, level, option):
+        return self.incoming_cpu
+
+
+class LocalityTests(unittest.TestCase):
+    """--cpu-affinity: a client that moved to another worker's CPU is told to
+    reconnect (Connection: close) once it has had enough requests."""
+
+    def serve(self, cpu, requests):
+        site = ClusterSite(Fast(), Clock(), locality=Locality(home=1, served=frozenset({0, 1})))
+        channel = site.buildProtocol(None)
+        transport = SocketTransport()
+        transport.incoming_cpu = cpu
+        channel.makeConnection(transport)
+        for _ in range(requests):
+            transport.clear()
+            channel.dataReceived(REQUEST)
+        return transport
+
+    def test_moved_client_reconnects_after_enough_requests(self):
+        transport = self.serve(cpu=0, requests=RECONNECT_AFTER_REQUESTS - 1)
+        self.assertNotIn(b"connection: close", transport.value().lower())
+        self.assertFalse(transport.disconnecting)
+        transport = self.serve(cpu=0, requests=RECONNECT_AFTER_REQUESTS)
+        self.assertIn(b"ok", transport.value())
+        self.assertIn(b"connection: close", transport.value().lower())
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_on_this_cpu_stays(self):
+        transport = self.serve(cpu=1, requests=RECONNECT_AFTER_REQUESTS + 5)
+        self.assertNotIn(b"connection: close", transport.value().lower())
+        self.assertFalse(transport.disconnecting)
 
 
 class AccessLogTests(unittest.TestCase):

@@ -19,7 +19,9 @@ C{--cpu-affinity} pins worker N to CPU N-1 (modulo the usable CPUs), and
 round-robin then prefers, for each connection, a worker on the CPU whose
 network stack received it (C{SO_INCOMING_CPU}): the connection's packets
 and its requests are handled on one core, without cross-core wake-ups.
-L{Dealer} keeps the split even whatever CPUs the connections arrive on.
+L{Dealer} keeps the split even whatever CPUs the connections arrive on,
+and L{Locality} has a worker send back, to be dealt again, a keep-alive
+connection whose client has since moved to another worker's CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence
 
 import attr
 
@@ -160,6 +162,67 @@ def incoming_cpu(client: socket.socket) -> Optional[int]:
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return None
     return cpu if cpu >= 0 else None  # -1: unknown (a Unix socket, say)
+
+
+#: With --cpu-affinity, how many requests a keep-alive connection whose
+#: client now runs on another worker's CPU gets before it is closed (see
+#: L{Locality}): the most reconnections this adds is one per this many requests.
+RECONNECT_AFTER_REQUESTS = 50
+
+_HOME_CPU_VARIABLE = "TXCLUSTER_WORKER_CPU"
+_SERVED_CPUS_VARIABLE = "TXCLUSTER_WORKER_CPUS"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Locality:
+    """
+    C{--cpu-affinity} as a worker sees it: the CPU it is pinned to (C{home})
+    and the CPUs that have a worker (C{served}).
+
+    The master deals a connection to a worker on the CPU that received it.
+    On loopback that is the CPU its client ran on when it connected, and a
+    client may move afterwards (wrk starts all its threads on one CPU, and
+    the scheduler spreads them a moment later).  From then on every
+    response wakes the client across CPUs, which is what separates a shared
+    port from N independent processes.  So once a keep-alive connection
+    has had L{RECONNECT_AFTER_REQUESTS} requests, if its packets now arrive
+    on another CPU that has a worker, its next response says
+    C{Connection: close}: the client reconnects from where it runs now, and
+    the master deals the new connection to a worker on that CPU.
+    """
+
+    home: int
+    served: FrozenSet[int]
+
+    def should_reconnect(self, client: Any, requests: int) -> bool:
+        """Should the connection C{client} (a socket), which has had
+        C{requests} requests, be closed after this one?"""
+        if requests < RECONNECT_AFTER_REQUESTS:
+            return False
+        cpu = incoming_cpu(client)
+        return cpu is not None and cpu != self.home and cpu in self.served
+
+    def to_environment(self) -> Dict[str, str]:
+        """For the master to pass to the worker it is about to pin."""
+        return {_HOME_CPU_VARIABLE: str(self.home),
+                _SERVED_CPUS_VARIABLE: ",".join(map(str, sorted(self.served)))}
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str],
+        affinity: Callable[[], Sequence[int]] = lambda: sorted(os.sched_getaffinity(0)),
+    ) -> Optional["Locality"]:
+        """The worker's locality, or C{None} if it was not asked for, or if
+        this process is not pinned to its home CPU after all (pinning
+        failed): then its connections are left where they are."""
+        try:
+            home = int(environ[_HOME_CPU_VARIABLE])
+            served = frozenset(int(c) for c in environ[_SERVED_CPUS_VARIABLE].split(","))
+        except (KeyError, ValueError):
+            return None
+        if list(affinity()) != [home]:
+            return None
+        return cls(home, served)
 
 
 @implementer(IReadDescriptor)

@@ -15,7 +15,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN, WorkerChannel, cpu_for
+from .balancing import ROUND_ROBIN, Locality, WorkerChannel, cpu_for
 from .control import (
     CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport,
     MasterSide,
@@ -164,4 +164,7 @@ class WorkerSpawner:
             PYTHONUNBUFFERED="1",
         )
         env[SETTINGS_VARIABLE] = self._settings.to_json()
+        if self._settings.cpu_affinity and self._settings.balance == ROUND_ROBIN:
+            served = frozenset(cpu_for(i, self._cpus) for i in range(1, count + 1))
+            env.update(Locality(cpu_for(worker_id, self._cpus), served).to_environment())
         return env

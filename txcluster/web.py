@@ -10,6 +10,10 @@ A connection accepted but not yet read from is not idle: its client has
 most likely sent a request that is still in the socket buffer.  It gets
 L{FRESH_CONNECTION_GRACE} seconds to show it, and is answered with
 C{Connection: close}; closing it at once would fail that request.
+
+With C{--cpu-affinity}, a keep-alive connection whose client has moved to
+another worker's CPU is also answered with C{Connection: close}, so that it
+reconnects there (L{txcluster.balancing.Locality}).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from .balancing import Locality
+
 log = Logger(namespace="txcluster.access")
 
 #: How long a connection that has sent nothing yet may take to send its
@@ -32,7 +38,8 @@ FRESH_CONNECTION_GRACE = 1.0
 
 
 class DrainableChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel that stops keeping alive once its site drains."""
+    """An HTTP/1.1 channel that stops keeping alive once its site drains,
+    or once its client has moved to another worker's CPU."""
 
     site: "ClusterSite"
     requests_started = 0
@@ -40,10 +47,15 @@ class DrainableChannel(http.HTTPChannel):
     def checkPersistence(self, request, version) -> bool:
         # Called once per request, when its headers are in.
         self.requests_started += 1
-        if self.site.draining:
+        if self.site.draining or self._client_moved():
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return super().checkPersistence(request, version)
+
+    def _client_moved(self) -> bool:
+        locality = self.site.locality
+        return locality is not None and locality.should_reconnect(
+            self.transport.getHandle(), self.requests_started)
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -76,6 +88,7 @@ class ClusterSite(Site):
     @param access_log: C{None} for no access log, C{"-"} for the main log,
         else a file path.  Each line is written in one C{write(2)} to a file
         opened with C{O_APPEND}, so workers can share one file.
+    @param locality: with C{--cpu-affinity}, this worker's CPUs.
     """
 
     protocol = DrainableChannel
@@ -83,9 +96,10 @@ class ClusterSite(Site):
 
     def __init__(
         self, resource: IResource, reactor: IReactorTime,
-        access_log: Optional[str] = None,
+        access_log: Optional[str] = None, locality: Optional[Locality] = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
+        self.locality = locality
         self.draining = False
         self.channels: Set[DrainableChannel] = set()
         self._drained: Optional[Deferred] = None

@@ -23,6 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .app import Cluster, WorkerInfo, call_job, load_app
+from .balancing import Locality
 from .cron import CronService, RunGuard, run_unguarded
 from .control import ExitStatus, heartbeat_interval
 from .options import Settings
@@ -49,10 +50,12 @@ class WorkerService(Service):
         listen: Listen,
         on_ready: Callable[[], None] = lambda: None,
         load: Callable[[str], Cluster] = load_app,
+        locality: Optional[Locality] = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.info = info
+        self.locality = locality
         self._listen = listen
         self._on_ready = on_ready
         self._load = load
@@ -97,7 +100,8 @@ class WorkerService(Service):
             await call_job(hook)
         # After the hooks, so that a hook may add cron jobs.
         self.cron = CronService(cluster.cron_jobs, self.reactor, self._cron_guard(cluster))
-        self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log)
+        self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log,
+                                locality=self.locality)
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:
@@ -236,7 +240,8 @@ def main() -> None:
                          on_master_lost=master_lost,
                          on_count=lambda count: service.set_count(count))
     service = WorkerService(reactor, settings, info, listen,
-                            on_ready=control.report_ready)
+                            on_ready=control.report_ready,
+                            locality=Locality.from_environment(os.environ))
     StandardIO(control, stdin=CONTROL_TO_WORKER, stdout=CONTROL_FROM_WORKER,
                reactor=reactor)
     heartbeat = LoopingCall(control.heartbeat)
