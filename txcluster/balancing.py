@@ -56,7 +56,8 @@ RETRY_SECONDS = 0.01
 
 #: After accept() fails for another reason than one connection's (out of
 #: descriptors or memory, say), the master stops accepting for this long:
-#: the socket stays readable, so retrying at once would spin.
+#: the socket stays readable, so retrying at once would spin.  Also how long
+#: either end waits before reading again after its doRead raised.
 PAUSE_SECONDS = 0.1
 
 #: accept(2) errors that concern one connection only, to be treated like EAGAIN.
@@ -159,7 +160,7 @@ def incoming_cpu(client: socket.socket) -> Optional[int]:
     """The CPU whose network stack last received data for C{client}."""
     try:
         cpu = client.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
+    except (OSError, AttributeError):  # not Linux, or not a socket (a TLS handle)
         return None
     return cpu if cpu >= 0 else None  # -1: unknown (a Unix socket, say)
 
@@ -384,7 +385,7 @@ class ConnectionDispatcher:
         """doRead raised: Twisted has dropped us from the reactor."""
         log.failure("the connection dispatcher failed; resuming", reason)
         self.reading = False
-        self._reactor.callLater(0.1, self.start)
+        self._reactor.callLater(PAUSE_SECONDS, self.start)
 
 
 @implementer(IReadDescriptor, IListeningPort)
@@ -464,5 +465,5 @@ class ConnectionReceiver:
         """doRead raised: Twisted has dropped us from the reactor."""
         log.failure("receiving connections failed; resuming", reason)
         if self._channel.fileno() >= 0:
-            self._reactor.callLater(0.1, self._reactor.addReader, self)
+            self._reactor.callLater(PAUSE_SECONDS, self._reactor.addReader, self)
 

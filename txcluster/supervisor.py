@@ -11,8 +11,7 @@ and fake processes.  L{txcluster.process} supplies the real processes.
 from __future__ import annotations
 
 import signal
-import socket
-from typing import Callable, Dict, List, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -21,6 +20,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .control import heartbeat_interval
+
+if TYPE_CHECKING:
+    from .balancing import WorkerChannel
 
 log = Logger(namespace="txcluster.master")
 
@@ -74,8 +76,8 @@ class ProcessHandle(Protocol):
     """What the supervisor needs of a running worker process."""
 
     pid: int
-    #: round-robin mode: the master's end of the worker's connection channel
-    connections: Optional[socket.socket]
+    #: round-robin mode: where the master sends this worker its connections
+    channel: Optional[WorkerChannel]
 
     def signal(self, signum: int) -> None: ...
 
