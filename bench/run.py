@@ -17,8 +17,9 @@ side by side, the baseline and the clusters:
   to them), driven like the cluster by one wrk: what a shared port costs
   without any manager;
 - the cluster with N workers, once per ``--balance`` mode (and with
-  ``--cpu-affinity``: ``round-robin+affinity``), counting which
-  worker answered each request (a wrk Lua script reads ``"worker": N``).
+  ``--cpu-affinity``: ``round-robin+affinity``, ``reuseport+affinity``),
+  counting which worker answered each request (a wrk Lua script reads
+  ``"worker": N``).
 
 Each round measures them one after the other, with keep-alive and with
 ``Connection: close``, starting one place further along the list each
@@ -395,6 +396,10 @@ def _ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+DEFAULT_MODES = ["round-robin", "round-robin+affinity", "kernel", "reuseport",
+                 "reuseport+affinity"]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,11 +423,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'JSON naming the worker, like {"worker": N}')
     p.add_argument("--app-dir", default=None,
                    help="directory the cluster runs in, where --app is imported from")
-    p.add_argument("--balance", type=lambda text: text.split(","),
-                   default=["round-robin", "round-robin+affinity", "kernel"],
+    p.add_argument("--balance", type=lambda text: text.split(","), default=DEFAULT_MODES,
                    help="--balance modes of the clusters, comma-separated, each "
                         "optionally +affinity for --cpu-affinity "
-                        "(default round-robin,round-robin+affinity,kernel)")
+                        f"(default {','.join(DEFAULT_MODES)})")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
     options = p.parse_args(argv)
     if options.duration is None:

@@ -13,6 +13,10 @@ from txcluster.balancing import (
 )
 
 
+def no_socket(worker_id: int) -> int:
+    return -1
+
+
 class FakePort:
     def __init__(self):
         self.numberAccepts = 100
@@ -399,11 +403,12 @@ class LocalityTests(unittest.TestCase):
         from txcluster.process import WorkerSpawner
 
         cpus = sorted(os.sched_getaffinity(0))
-        spawner = WorkerSpawner(Clock(), Settings(cpu_affinity=True), -1, environ={})
-        environ = spawner.environment(worker_id=2, count=2)
         expected = Locality(cpu_for(2, cpus), frozenset({cpu_for(1, cpus), cpu_for(2, cpus)}))
-        self.assertEqual(Locality.from_environment(environ, affinity=lambda: {expected.home}),
-                         expected)
+        for balance in (balancing.ROUND_ROBIN, balancing.REUSEPORT):
+            settings = Settings(cpu_affinity=True, balance=balance)
+            environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)
+            self.assertEqual(Locality.from_environment(environ, affinity=lambda: {expected.home}),
+                             expected, balance)
         for settings in (Settings(), Settings(cpu_affinity=True, balance=balancing.KERNEL)):
-            environ = WorkerSpawner(Clock(), settings, -1, environ={}).environment(2, 2)
+            environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)
             self.assertNotIn("TXCLUSTER_WORKER_CPU", environ)

@@ -40,10 +40,12 @@ class BenchSmokeTests(unittest.TestCase):
         env = clean_environment(BENCH_MARKER=marker)
         result = subprocess.run(
             [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick",
-             "--workers", "2", "--balance", "round-robin", "--respawn-samples", "1"],
+             "--workers", "2", "--balance", "round-robin,reuseport+affinity",
+             "--respawn-samples", "1"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         for line in ("x-CPU/req", "cluster-2/round-robin / parallel-2", "reuseport-2 / parallel-2",
+                     "cluster-2/reuseport+affinity / parallel-2",
                      "per-worker share max/min", "respawn (kill -9", "cluster-2/round-robin master"):
             self.assertIn(line, result.stdout)
         self.assertEqual(processes_with(marker), [])

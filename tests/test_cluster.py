@@ -305,3 +305,9 @@ class SystemdNotifyTests(ClusterTestCase):
         self.assertEqual(sorted(ready), [1, 2, 3])
         cluster.signal(signal.SIGTERM)
         self.assertEqual(listener.recv(4096), b"STOPPING=1")
+
+
+class ReusePortServingTests(ServingTests):
+    """The same, with a socket per worker."""
+
+    cluster_args = ("--balance", "reuseport")

@@ -1,6 +1,6 @@
 """
 Endpoint types other than tcp: a Unix socket and TLS, served by workers in
-both balance modes.
+every balance mode (reuseport takes TLS but not Unix sockets).
 """
 
 import datetime
@@ -129,3 +129,7 @@ class SystemdSocketActivationTests(ClusterTestCase):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
             self.assertIn(b"200", s.recv(100))
+
+
+class ReusePortTLSTests(TLSTests):
+    cluster_args = ("--balance", "reuseport")

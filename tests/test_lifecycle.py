@@ -241,6 +241,56 @@ class KernelBalanceOrphanTests(OrphanTests):
     cluster_args = KERNEL
 
 
+REUSEPORT = ("--balance", "reuseport")
+
+
+class ReusePortGracefulShutdownTests(GracefulShutdownTests):
+    cluster_args = REUSEPORT
+
+
+class ReusePortRollingRestartTests(RollingRestartTests):
+    cluster_args = REUSEPORT
+
+
+class ReusePortScalingTests(ScalingTests):
+    cluster_args = REUSEPORT
+
+
+class ReusePortRespawnTests(RespawnAssertions, ClusterTestCase):
+    """Each worker has a socket of its own, which the master holds: the
+    connections queued on it when its worker dies wait for the replacement."""
+
+    cluster_args = REUSEPORT
+
+    def test_connections_queued_for_a_killed_worker_are_served_by_its_replacement(self):
+        cluster = self.start(app=None, workers=2)
+        stuck = cluster.ready_workers()[2]
+        os.kill(stuck, signal.SIGSTOP)  # its connections queue on its socket
+        self.addCleanup(lambda: pid_alive(stuck) and os.kill(stuck, signal.SIGKILL))
+        answers = []
+
+        def get():
+            try:
+                answers.append(cluster.get_json("/"))
+            except Exception as e:
+                answers.append(e)
+
+        clients = [threading.Thread(target=get) for _ in range(16)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)  # worker 1 answers its share meanwhile
+        waiting = 16 - len(answers)
+        self.assertGreater(waiting, 0, answers)  # 2**-16 odds that none hashed to 2
+        os.kill(stuck, signal.SIGKILL)
+        new = self.assertRespawned(cluster, 2, stuck, r"exited on signal 9 \(SIGKILL\)")
+        for client in clients:
+            client.join(20)
+        self.assertEqual(len(answers), 16)
+        failures = [a for a in answers if isinstance(a, Exception)]
+        self.assertEqual(failures, [])
+        self.assertEqual(sum(1 for a in answers if a["pid"] == new), waiting)
+
+
 def allowed_cpus(pid: int) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split(":", 1)[1].strip() for line in f

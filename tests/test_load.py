@@ -46,3 +46,9 @@ class CpuAffinityWrkLoadTests(WrkLoadTests):
 
     workers = 4
     cluster_args = ("--cpu-affinity",)
+
+
+class ReusePortWrkLoadTests(WrkLoadTests):
+    """The kernel hashes each connection to a worker's socket."""
+
+    cluster_args = ("--balance", "reuseport")

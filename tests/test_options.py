@@ -76,6 +76,22 @@ class CommandLineErrorTests(unittest.TestCase):
     def test_unknown_option(self):
         self.assertRaises(usage.UsageError, parse, ["--wrokers", "2"])
 
+    def test_balance_modes(self):
+        for mode in ("round-robin", "kernel", "reuseport"):
+            self.assertEqual(parse(["--balance", mode]).balance, mode)
+        self.assertUsageError(["--balance", "random"], "--balance", "'random'", "reuseport")
+
+    def test_reuseport_needs_a_tcp_endpoint(self):
+        for endpoint in ("tcp:0", "tcp6:0:interface=\\:\\:1"):
+            self.assertEqual(parse(["--balance", "reuseport", "-l", endpoint]).listen, endpoint)
+        self.assertUsageError(["--balance", "reuseport", "-l", "unix:/tmp/t.sock"],
+                              "balance reuseport (from --balance)", "tcp:", "'unix:/tmp/t.sock'")
+        error = self.assertRaises(usage.UsageError, parse, ["-l", "unix:/tmp/t.sock"],
+                                  environ={"TXCLUSTER_BALANCE": "reuseport"})
+        self.assertIn("balance reuseport (from TXCLUSTER_BALANCE)", str(error))
+        # --single has one socket anyway
+        self.assertTrue(parse(["--single", "--balance", "reuseport", "-l", "unix:/tmp/t.sock"]).single)
+
 
 class EnvironmentTests(unittest.TestCase):
     def test_web_concurrency(self):

@@ -21,6 +21,16 @@ class BuildServiceTests(unittest.TestCase):
         self.assertIsNone(service.listening)  # nothing bound until started
         self.assertEqual(reactor.tcpServers, [])
 
+    def test_reuseport_binds_a_socket_per_worker_before_privileges_drop(self):
+        service = build_service(settings("--workers", "3", "--balance", "reuseport",
+                                         "--listen", "tcp:0:interface=127.0.0.1"),
+                                MemoryReactorClock())
+        service.privilegedStartService()
+        self.addCleanup(service.sockets.close)
+        fds = {service._listening_fd(worker_id) for worker_id in (1, 2, 3)}
+        self.assertEqual(len(fds), 3)
+        self.assertIs(service.listening, service.sockets.first)
+
     def test_single(self):
         service = build_service(settings("--single"), MemoryReactorClock())
         self.assertIsInstance(service, SingleProcessService)

@@ -15,12 +15,26 @@ split for good, and at the cost of one C{accept} per connection and one
 C{sendmsg} per worker and wakeup in the master.  The master still never
 reads a request's bytes.
 
+C{reuseport} (opt-in, TCP only): the master binds one C{SO_REUSEPORT}
+socket per worker id (L{txcluster.listening.ReusePortGroup}) and each
+worker accepts on its own; the kernel picks the socket by a hash of the
+connection's addresses.  No master on the accept path and no thundering
+herd, but no evenness either: a busy worker's queue waits for it, and the
+split of a few keep-alive connections is as even as their hash.  The
+master holds every socket, so the connections queued on one whose worker
+is respawned or replaced wait for the next worker; only removing a
+worker (SIGTTOU) closes a socket, and resets what is queued on it unless
+C{net.ipv4.tcp_migrate_req} is 1.
+
 C{--cpu-affinity} pins worker N to CPU N-1 (modulo the usable CPUs), and
-round-robin then prefers, for each connection, a worker on the CPU whose
-network stack received it (C{SO_INCOMING_CPU}): the connection's packets
-and its requests are handled on one core, without cross-core wake-ups.
-L{Dealer} keeps the split even whatever CPUs the connections arrive on,
-and L{Locality} has a worker send back, to be dealt again, a keep-alive
+keeps each connection's packets and requests on one core, without
+cross-core wake-ups.  Round-robin then prefers, for each connection, a
+worker on the CPU whose network stack received it (C{SO_INCOMING_CPU}),
+and L{Dealer} keeps the split even whatever CPUs the connections arrive
+on.  With reuseport, each socket is marked with its worker's CPU, and the
+kernel (6.2 and later) hands each connection to a worker on the CPU that
+received it: the split follows the CPUs the clients run on.  In both,
+L{Locality} has a worker send back, to be reconnected, a keep-alive
 connection whose client has since moved to another worker's CPU.
 """
 
@@ -44,7 +58,15 @@ log = Logger(namespace="txcluster.balancing")
 
 KERNEL = "kernel"
 ROUND_ROBIN = "round-robin"
-MODES = (KERNEL, ROUND_ROBIN)
+REUSEPORT = "reuseport"
+MODES = (ROUND_ROBIN, KERNEL, REUSEPORT)
+
+#: The modes where --cpu-affinity also keeps each connection on the CPU
+#: that received it (and so a worker sends back a client that moved).
+STEERED_MODES = (ROUND_ROBIN, REUSEPORT)
+
+#: The endpoint types reuseport can bind more sockets of.
+REUSEPORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
 #: Connections the master accepts per wakeup in round-robin mode; also the
 #: most descriptors one message to a worker carries (the receiver's limit).

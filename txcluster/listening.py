@@ -8,6 +8,9 @@ C{shutdown()}s its socket, which would refuse connections for every worker
 sharing it; the master's copy is simply closed when the master exits.
 Workers adopt the inherited descriptor with C{adoptStreamPort}, whose ports
 only C{close()} their own copy.
+
+With C{--balance reuseport} the master binds one socket per worker instead
+(L{txcluster.reuseport}).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class StartupError(Exception):
     """Starting failed for a reason a user can fix; the message says which."""
 
 
-class _NeverAccepts(ServerFactory):
+class NeverAccepts(ServerFactory):
     """The master's factory: its port never reads, so this never builds."""
 
     noisy = False
@@ -53,7 +56,7 @@ def bind(reactor: Any, description: str) -> IListeningPort:
 
     endpoint = serverFromString(reactor, description)
     outcome: List[Any] = []
-    endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
+    endpoint.listen(NeverAccepts()).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - every supported endpoint is synchronous
         raise StartupError(f"endpoint is asynchronous (--listen {description})")
     result = outcome[0]
@@ -102,3 +105,4 @@ def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Fa
     # SSL4ServerEndpoint keeps the context factory it parsed from the
     # description; it has no public accessor.
     return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+

@@ -17,9 +17,10 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN, ConnectionDispatcher, WorkerChannel
+from .balancing import REUSEPORT, ROUND_ROBIN, ConnectionDispatcher, WorkerChannel, cpu_for
 from .control import ExitStatus
 from .listening import bind, describe
+from .reuseport import ReusePortGroup
 from .options import Settings
 from .supervisor import RestartPolicy, Supervisor
 
@@ -62,16 +63,19 @@ class BoundService(MultiService):
 
     def privilegedStartService(self) -> None:
         if self.listening is None:
-            self.listening = bind(self.reactor, self.settings.listen)
+            self.listening = self.bind()
         super().privilegedStartService()
 
     def startService(self) -> None:
         if self.listening is None:
-            self.listening = bind(self.reactor, self.settings.listen)
+            self.listening = self.bind()
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
         super().startService()
         self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def bind(self) -> IListeningPort:
+        return bind(self.reactor, self.settings.listen)
 
     # Signals ------------------------------------------------------------------
 
@@ -127,6 +131,24 @@ class MasterService(BoundService):
         super().__init__(reactor, settings)
         self.supervisor: Optional[Supervisor] = None
         self.dispatcher: Optional[ConnectionDispatcher] = None
+        self.sockets: Optional[ReusePortGroup] = None  # --balance reuseport
+
+    def bind(self) -> IListeningPort:
+        if self.settings.balance != REUSEPORT:
+            return super().bind()
+        cpus = sorted(os.sched_getaffinity(0))
+        self.sockets = ReusePortGroup(
+            self.reactor, self.settings.listen, self.settings.workers,
+            cpu_of=(lambda worker_id: cpu_for(worker_id, cpus))
+            if self.settings.cpu_affinity else None)
+        return self.sockets.first
+
+    def _listening_fd(self, worker_id: int) -> int:
+        """The listening socket worker C{worker_id} is given."""
+        if self.sockets is not None:
+            return self.sockets.fileno(worker_id)
+        assert self.listening is not None
+        return self.listening.fileno()
 
     def startService(self) -> None:
         super().startService()
@@ -137,7 +159,7 @@ class MasterService(BoundService):
 
         self.supervisor = Supervisor(
             self.reactor,
-            WorkerSpawner(self.reactor, self.settings, self.listening.fileno()),
+            WorkerSpawner(self.reactor, self.settings, self._listening_fd),
             self.settings.workers,
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,
@@ -202,7 +224,9 @@ class MasterService(BoundService):
 
     def remove_worker(self) -> None:
         log.info("SIGTTOU: one worker fewer")
-        self.supervisor.scale_down()
+        removed = self.supervisor.scale_down()
+        if removed is not None and self.sockets is not None:
+            self.sockets.release(removed)
 
 
 class SingleProcessService(BoundService):

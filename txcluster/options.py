@@ -195,16 +195,16 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_APP", parse_app),),
     ),
     Setting(
-        "balance", "How connections are spread: 'kernel' (workers accept on the "
-        "shared socket, one per wakeup) or 'round-robin' (the master accepts and "
-        "hands each connection to the next worker).",
+        "balance", "How connections are spread: 'round-robin' (the master accepts "
+        "and hands each connection to the next worker), 'kernel' (workers accept on "
+        "the shared socket, one per wakeup) or 'reuseport' (a socket per worker, "
+        "TCP only; see README.rst).",
         default="round-robin", parse=parse_balance, metavar="MODE",
         env=(("TXCLUSTER_BALANCE", parse_balance),),
     ),
     Setting(
         "cpu-affinity", "Pin worker N to usable CPU N-1 (modulo the CPUs); with "
-        "round-robin, send each connection to a worker on the CPU that received it "
-        "while the split stays even.",
+        "round-robin or reuseport, serve each connection on the CPU that received it.",
         default=False, parse=parse_bool, flag=True,
         env=(("TXCLUSTER_CPU_AFFINITY", parse_bool),),
     ),
@@ -446,10 +446,23 @@ class ClusterOptions(usage.Options):
         sources: dict = {}
         settings = resolve(given, self._environ, self._cpu_count, sources)
         self.before_endpoint_check(settings)
-        self.settings = self._check_listen(settings, sources["listen"])
+        settings = self._check_listen(settings, sources["listen"])
+        self.settings = self._check_balance(settings, sources["balance"])
 
     def before_endpoint_check(self, settings: Settings) -> None:
         """Runs before Twisted's endpoint parser is first imported."""
+
+    @staticmethod
+    def _check_balance(settings: Settings, source: str) -> Settings:
+        """reuseport binds more sockets like the first: TCP ones only."""
+        from .balancing import REUSEPORT, REUSEPORT_ENDPOINTS
+
+        kind = settings.listen.partition(":")[0]
+        if settings.balance != REUSEPORT or settings.single or kind in REUSEPORT_ENDPOINTS:
+            return settings
+        raise usage.UsageError(
+            f"balance reuseport (from {source}) needs a tcp:, tcp6: or ssl: --listen, "
+            f"not {settings.listen!r}")
 
     @staticmethod
     def _check_listen(settings: Settings, source: str) -> Settings:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN, Locality, WorkerChannel, cpu_for
+from .balancing import ROUND_ROBIN, STEERED_MODES, Locality, WorkerChannel, cpu_for
 from .control import (
     CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport,
     MasterSide,
@@ -90,10 +90,11 @@ class WorkerProcessProtocol(ProcessProtocol):
 
 
 class WorkerSpawner:
-    """Spawn worker processes that share one listening descriptor."""
+    """Spawn worker processes; C{listen_fd(worker_id)} is the listening
+    descriptor a worker accepts on (except in round-robin mode)."""
 
     def __init__(
-        self, reactor: Any, settings: Settings, listen_fd: int,
+        self, reactor: Any, settings: Settings, listen_fd: Callable[[int], int],
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self._reactor = reactor
@@ -113,7 +114,7 @@ class WorkerSpawner:
             ours.setblocking(False)
             child_fds[CONNECTIONS_FD] = theirs.fileno()
         else:
-            child_fds[LISTEN_FD] = self._listen_fd
+            child_fds[LISTEN_FD] = self._listen_fd(worker.id)
         protocol = WorkerProcessProtocol(worker)
         try:
             self._spawn(protocol, worker.id, count, child_fds)
@@ -164,7 +165,7 @@ class WorkerSpawner:
             PYTHONUNBUFFERED="1",
         )
         env[SETTINGS_VARIABLE] = self._settings.to_json()
-        if self._settings.cpu_affinity and self._settings.balance == ROUND_ROBIN:
+        if self._settings.cpu_affinity and self._settings.balance in STEERED_MODES:
             served = frozenset(cpu_for(i, self._cpus) for i in range(1, count + 1))
             env.update(Locality(cpu_for(worker_id, self._cpus), served).to_environment())
         return env

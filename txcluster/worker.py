@@ -215,7 +215,7 @@ def main() -> None:
     info = WorkerInfo.from_environment()
 
     def listen(factory: IProtocolFactory) -> IListeningPort:
-        from .balancing import ROUND_ROBIN, ConnectionReceiver
+        from .balancing import KERNEL, ROUND_ROBIN, ConnectionReceiver
         from .listening import adopt, tls_wrapped
 
         if settings.balance == ROUND_ROBIN:
@@ -223,7 +223,9 @@ def main() -> None:
             receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, factory)
             receiver.startListening()
             return receiver
-        port = adopt(reactor, LISTEN_FD, factory, settings.listen, accept_one=True)
+        # A socket of its own (reuseport) has no other worker to share a burst with.
+        port = adopt(reactor, LISTEN_FD, factory, settings.listen,
+                     accept_one=settings.balance == KERNEL)
         os.close(LISTEN_FD)  # adoptStreamPort made its own copy
         return port
 

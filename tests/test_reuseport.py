@@ -1,0 +1,137 @@
+"""
+--balance reuseport's sockets (L{ReusePortGroup}): real sockets on
+loopback, bound through a memory reactor (the master never accepts on them).
+"""
+
+import os
+import platform
+import socket
+from contextlib import closing
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
+from twisted.trial import unittest
+
+from txcluster.listening import StartupError
+from txcluster.reuseport import ReusePortGroup
+
+
+def pending_on(fd):
+    """How many connections wait on the listening socket C{fd}; accepts (and
+    closes) them."""
+    listener = socket.socket(fileno=os.dup(fd))
+    listener.setblocking(False)
+    count = 0
+    with closing(listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except BlockingIOError:
+                return count
+            client.close()
+            count += 1
+
+
+def option(fd, name):
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.getsockopt(socket.SOL_SOCKET, name)
+    finally:
+        probe.detach()
+
+
+def kernel_at_least(major, minor):
+    try:
+        found = tuple(int(part) for part in platform.release().split(".")[:2])
+    except ValueError:
+        return False
+    return platform.system() == "Linux" and found >= (major, minor)
+
+
+class ReusePortGroupTests(unittest.TestCase):
+    def group(self, count=2, description="tcp:0:interface=127.0.0.1", **kwargs):
+        group = ReusePortGroup(MemoryReactor(), description, count, **kwargs)
+        self.addCleanup(group.close)
+        return group
+
+    def connect(self, group):
+        client = socket.create_connection(("127.0.0.1", group.first.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+        return client
+
+    def test_one_socket_per_worker_on_one_port(self):
+        group = self.group(count=3)
+        fds = [group.fileno(i) for i in (1, 2, 3)]
+        self.assertEqual(len(set(fds)), 3)
+        port = group.first.getHost().port
+        self.assertNotEqual(port, 0)
+        for fd in fds:
+            with closing(socket.socket(fileno=os.dup(fd))) as s:
+                self.assertEqual(s.getsockname(), ("127.0.0.1", port))
+            self.assertEqual(option(fd, socket.SO_REUSEPORT), 1)
+        self.assertEqual(group.fileno(2), fds[1])  # the same socket each time
+
+    def test_the_kernel_spreads_connections_over_them(self):
+        group = self.group(count=2)
+        for _ in range(64):
+            self.connect(group)
+        counts = [pending_on(group.fileno(i)) for i in (1, 2)]
+        self.assertEqual(sum(counts), 64)
+        self.assertTrue(all(counts), counts)  # each got some: 2**-63 odds otherwise
+
+    def test_an_added_worker_gets_a_socket_and_a_removed_one_loses_it(self):
+        group = self.group(count=2)
+        fd = group.fileno(3)
+        self.assertNotIn(fd, (group.fileno(1), group.fileno(2)))
+        group.release(3)
+        self.assertRaises(OSError, os.fstat, fd)
+        self.assertGreater(group.fileno(3), 0)  # a new one, if the id comes back
+
+    def test_a_worker_shares_a_socket_when_no_more_can_be_bound(self):
+        group = self.group(count=2)
+
+        def cannot_bind(port, factory):
+            raise CannotListenError("127.0.0.1", port, OSError(13, "Permission denied"))
+
+        group._binder.listen_more = cannot_bind
+        self.assertEqual(group.fileno(3), group.fileno(1))
+        self.assertEqual(group.fileno(4), group.fileno(2))
+        group.release(3)  # not its own: the shared one stays open
+        os.fstat(group.fileno(1))
+
+    def test_not_a_tcp_endpoint(self):
+        error = self.assertRaises(StartupError, ReusePortGroup, MemoryReactor(),
+                                  "unix:/tmp/txcluster-test.sock", 2)
+        self.assertIn("--balance reuseport needs a tcp:", str(error))
+
+    def test_address_in_use_is_a_startup_error_that_leaves_nothing_bound(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            error = self.assertRaises(StartupError, ReusePortGroup, MemoryReactor(),
+                                      f"tcp:{port}:interface=127.0.0.1", 2)
+        self.assertIn(f"--listen tcp:{port}", str(error))
+        group = self.group(description=f"tcp:{port}:interface=127.0.0.1")  # free again
+        self.assertEqual(group.first.getHost().port, port)
+
+    def test_sockets_are_marked_with_their_workers_cpu(self):
+        group = self.group(count=3, cpu_of=lambda worker_id: 10 + worker_id)
+        for worker_id in (1, 2, 3, 4):
+            self.assertEqual(option(group.fileno(worker_id), socket.SO_INCOMING_CPU),
+                             10 + worker_id)
+
+    def test_the_kernel_hands_a_connection_to_the_socket_of_its_cpu(self):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise unittest.SkipTest("needs two CPUs")
+        if not kernel_at_least(6, 2):
+            raise unittest.SkipTest("SO_INCOMING_CPU steers reuseport groups since Linux 6.2")
+        group = self.group(count=2, cpu_of=lambda worker_id: cpus[worker_id - 1])
+        self.addCleanup(os.sched_setaffinity, 0, cpus)
+        for worker_id in (1, 2, 1, 2):
+            os.sched_setaffinity(0, {cpus[worker_id - 1]})  # this thread only
+            for _ in range(8):
+                self.connect(group)
+            self.assertEqual(pending_on(group.fileno(worker_id)), 8, worker_id)
+            self.assertEqual(pending_on(group.fileno(3 - worker_id)), 0, worker_id)
