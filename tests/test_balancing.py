@@ -363,7 +363,7 @@ class LocalityTests(unittest.TestCase):
     """--cpu-affinity: a keep-alive connection whose client moved to another
     worker's CPU is sent back to be dealt again, after enough requests."""
 
-    locality = Locality(home=1, served=frozenset({0, 1, 2}))
+    locality = Locality(home=1, cpus=(0, 1, 2), workers=3)
     enough = RECONNECT_AFTER_REQUESTS
 
     def test_client_on_another_workers_cpu_reconnects(self):
@@ -380,30 +380,41 @@ class LocalityTests(unittest.TestCase):
         # Reconnecting could not bring it closer to any worker.
         self.assertFalse(self.locality.should_reconnect(FakeClientSocket(3), self.enough))
 
+    def test_scaling_changes_which_cpus_have_a_worker(self):
+        fewer = self.locality.with_workers(2)
+        self.assertEqual(fewer.served, {0, 1})
+        self.assertFalse(fewer.should_reconnect(FakeClientSocket(2), self.enough))
+        self.assertTrue(fewer.should_reconnect(FakeClientSocket(0), self.enough))
+        self.assertEqual(self.locality.with_workers(5).served, {0, 1, 2})
+
     def test_unknown_cpu_stays(self):
         self.assertFalse(self.locality.should_reconnect(FakeClientSocket(-1), self.enough))
         self.assertFalse(self.locality.should_reconnect(object(), self.enough))  # not a socket
 
+    def environment(self):
+        return {**self.locality.to_environment(), "TXCLUSTER_WORKERS": "3"}
+
     def test_environment_round_trip_when_pinned(self):
-        environ = self.locality.to_environment()
-        self.assertEqual(Locality.from_environment(environ, affinity=lambda: {1}), self.locality)
+        self.assertEqual(Locality.from_environment(self.environment(), affinity=lambda: {1}),
+                         self.locality)
 
     def test_none_when_not_pinned_to_home(self):
-        environ = self.locality.to_environment()
+        environ = self.environment()
         self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0, 1}))
         self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0}))
 
     def test_none_when_not_asked(self):
         self.assertIsNone(Locality.from_environment({}, affinity=lambda: {1}))
         self.assertIsNone(Locality.from_environment(
-            {"TXCLUSTER_WORKER_CPU": "x", "TXCLUSTER_WORKER_CPUS": "0"}, affinity=lambda: {0}))
+            {"TXCLUSTER_WORKER_CPU": "x", "TXCLUSTER_WORKER_CPUS": "0", "TXCLUSTER_WORKERS": "1"},
+            affinity=lambda: {0}))
 
     def test_master_passes_each_worker_its_cpu_and_the_served_ones(self):
         from txcluster.options import Settings
         from txcluster.process import WorkerSpawner
 
         cpus = sorted(os.sched_getaffinity(0))
-        expected = Locality(cpu_for(2, cpus), frozenset({cpu_for(1, cpus), cpu_for(2, cpus)}))
+        expected = Locality(cpu_for(2, cpus), tuple(cpus), workers=2)
         for balance in (balancing.ROUND_ROBIN, balancing.REUSEPORT):
             settings = Settings(cpu_affinity=True, balance=balance)
             environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)

@@ -132,7 +132,7 @@ class LocalityTests(unittest.TestCase):
     reconnect (Connection: close) once it has had enough requests."""
 
     def serve(self, cpu, requests):
-        site = ClusterSite(Fast(), Clock(), locality=Locality(home=1, served=frozenset({0, 1})))
+        site = ClusterSite(Fast(), Clock(), locality=Locality(home=1, cpus=(0, 1), workers=2))
         channel = site.buildProtocol(None)
         transport = SocketTransport()
         transport.incoming_cpu = cpu

@@ -1,11 +1,14 @@
 """A worker's start and stop sequence, with a fake clock and a fake port."""
 
+import os
+
 from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from txcluster.app import Cluster, WorkerInfo
+from txcluster.balancing import Locality
 from txcluster.control import ExitStatus
 from txcluster.options import Settings
 from txcluster.worker import WorkerService
@@ -21,7 +24,7 @@ class FakePort:
 
 
 class WorkerServiceTests(unittest.TestCase):
-    def make(self, cluster, **settings):
+    def make(self, cluster, locality=None, **settings):
         self.events = []
         self.clock = Clock()
 
@@ -33,6 +36,7 @@ class WorkerServiceTests(unittest.TestCase):
         service = WorkerService(
             self.clock, Settings(**settings), WorkerInfo(id=1, count=2, pid=99), listen,
             on_ready=lambda: self.events.append("ready"), load=lambda spec: cluster,
+            locality=locality,
         )
         return service
 
@@ -62,6 +66,15 @@ class WorkerServiceTests(unittest.TestCase):
         self.assertEqual(self.events[3:], ["stop listening", "shutdown hook"])
         self.clock.advance(50)
         self.assertEqual(cron_runs, [5])
+
+    def test_scaling_tells_the_site_which_cpus_have_a_worker(self):
+        service = self.make(Cluster(Klein()), locality=Locality(home=0, cpus=(0, 1), workers=2))
+        self.patch(os, "environ", dict(os.environ))  # set_count exports the count
+        service.startService()
+        self.assertEqual(self.site.locality.served, {0, 1})
+        service.set_count(1)
+        self.assertEqual(self.site.locality.served, {0})
+        self.assertEqual(service.info.count, 1)
 
     def test_failing_startup_hook_is_a_boot_error(self):
         cluster = Cluster(Klein())

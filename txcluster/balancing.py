@@ -43,7 +43,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence
+from typing import (
+    Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
+)
 
 import attr
 
@@ -193,14 +195,16 @@ def incoming_cpu(client: socket.socket) -> Optional[int]:
 RECONNECT_AFTER_REQUESTS = 50
 
 _HOME_CPU_VARIABLE = "TXCLUSTER_WORKER_CPU"
-_SERVED_CPUS_VARIABLE = "TXCLUSTER_WORKER_CPUS"
+_CPUS_VARIABLE = "TXCLUSTER_WORKER_CPUS"
+_WORKERS_VARIABLE = "TXCLUSTER_WORKERS"
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class Locality:
     """
-    C{--cpu-affinity} as a worker sees it: the CPU it is pinned to (C{home})
-    and the CPUs that have a worker (C{served}).
+    C{--cpu-affinity} as a worker sees it: the CPU it is pinned to
+    (C{home}), the CPUs the master pins workers to in turn (C{cpus}), and
+    how many workers there are, hence which CPUs have one (C{served}).
 
     The master deals a connection to a worker on the CPU that received it.
     On loopback that is the CPU its client ran on when it connected, and a
@@ -211,11 +215,21 @@ class Locality:
     has had L{RECONNECT_AFTER_REQUESTS} requests, if its packets now arrive
     on another CPU that has a worker, its next response says
     C{Connection: close}: the client reconnects from where it runs now, and
-    the master deals the new connection to a worker on that CPU.
+    the new connection goes to a worker on that CPU.
     """
 
     home: int
-    served: FrozenSet[int]
+    cpus: Tuple[int, ...]
+    workers: int
+    served: FrozenSet[int] = attr.ib(init=False)
+
+    @served.default
+    def _served(self) -> FrozenSet[int]:
+        return frozenset(cpu_for(i, self.cpus) for i in range(1, self.workers + 1))
+
+    def with_workers(self, count: int) -> "Locality":
+        """After scaling: the CPUs that have a worker may have changed."""
+        return attr.evolve(self, workers=count)
 
     def should_reconnect(self, client: Any, requests: int) -> bool:
         """Should the connection C{client} (a socket), which has had
@@ -226,9 +240,10 @@ class Locality:
         return cpu is not None and cpu != self.home and cpu in self.served
 
     def to_environment(self) -> Dict[str, str]:
-        """For the master to pass to the worker it is about to pin."""
+        """For the master to pass to the worker it is about to pin (next to
+        C{TXCLUSTER_WORKERS}, the count)."""
         return {_HOME_CPU_VARIABLE: str(self.home),
-                _SERVED_CPUS_VARIABLE: ",".join(map(str, sorted(self.served)))}
+                _CPUS_VARIABLE: ",".join(map(str, self.cpus))}
 
     @classmethod
     def from_environment(
@@ -240,12 +255,13 @@ class Locality:
         failed): then its connections are left where they are."""
         try:
             home = int(environ[_HOME_CPU_VARIABLE])
-            served = frozenset(int(c) for c in environ[_SERVED_CPUS_VARIABLE].split(","))
+            cpus = tuple(int(c) for c in environ[_CPUS_VARIABLE].split(","))
+            workers = int(environ[_WORKERS_VARIABLE])
         except (KeyError, ValueError):
             return None
         if list(affinity()) != [home]:
             return None
-        return cls(home, served)
+        return cls(home, cpus, workers)
 
 
 @implementer(IReadDescriptor)

@@ -166,6 +166,6 @@ class WorkerSpawner:
         )
         env[SETTINGS_VARIABLE] = self._settings.to_json()
         if self._settings.cpu_affinity and self._settings.balance in STEERED_MODES:
-            served = frozenset(cpu_for(i, self._cpus) for i in range(1, count + 1))
-            env.update(Locality(cpu_for(worker_id, self._cpus), served).to_environment())
+            home = cpu_for(worker_id, self._cpus)
+            env.update(Locality(home, tuple(self._cpus), count).to_environment())
         return env

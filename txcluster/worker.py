@@ -122,12 +122,16 @@ class WorkerService(Service):
         return run_unguarded
 
     def set_count(self, count: int) -> None:
-        """The cluster was scaled: C{cluster.worker.count} and the
-        environment follow."""
+        """The cluster was scaled: C{cluster.worker.count}, the environment
+        and the CPUs that have a worker follow."""
         self.info = attr.evolve(self.info, count=count)
         os.environ["TXCLUSTER_WORKERS"] = str(count)
         if self.cluster is not None:
             self.cluster.worker = self.info
+        if self.locality is not None:
+            self.locality = self.locality.with_workers(count)
+            if self.site is not None:
+                self.site.locality = self.locality
 
     def start_cron(self) -> None:
         """Run this app's cron jobs here (worker 1, or the single process)."""
