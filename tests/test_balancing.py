@@ -423,3 +423,7 @@ class LocalityTests(unittest.TestCase):
         for settings in (Settings(), Settings(cpu_affinity=True, balance=balancing.KERNEL)):
             environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)
             self.assertNotIn("TXCLUSTER_WORKER_CPU", environ)
+        # reuseport, where the kernel does not steer this worker's connections
+        unsteered = WorkerSpawner(Clock(), Settings(cpu_affinity=True, balance=balancing.REUSEPORT),
+                                  no_socket, environ={}, steered=lambda worker_id: False)
+        self.assertNotIn("TXCLUSTER_WORKER_CPU", unsteered.environment(2, 2))

@@ -255,6 +255,17 @@ class ReusePortRollingRestartTests(RollingRestartTests):
 class ReusePortScalingTests(ScalingTests):
     cluster_args = REUSEPORT
 
+    def test_a_removed_workers_socket_leaves_and_an_added_one_serves(self):
+        cluster = self.start(app=None, workers=3)
+        cluster.signal(signal.SIGTTOU)
+        cluster.wait_for_log(r"worker 3 \(pid \d+\) exited with status 0")
+        # Still in the group, its socket would take a third of these, unanswered.
+        answers = [cluster.get_json("/")["worker"] for _ in range(30)]
+        self.assertEqual(set(answers), {1, 2})
+        cluster.signal(signal.SIGTTIN)
+        cluster.wait_for_log(r"worker 3 \(pid \d+\) ready", count=2)
+        wait_until(lambda: cluster.get_json("/")["worker"] == 3, 10, "worker 3 to answer")
+
 
 class ReusePortRespawnTests(RespawnAssertions, ClusterTestCase):
     """Each worker has a socket of its own, which the master holds: the

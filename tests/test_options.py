@@ -85,10 +85,12 @@ class CommandLineErrorTests(unittest.TestCase):
         for endpoint in ("tcp:0", "tcp6:0:interface=\\:\\:1"):
             self.assertEqual(parse(["--balance", "reuseport", "-l", endpoint]).listen, endpoint)
         self.assertUsageError(["--balance", "reuseport", "-l", "unix:/tmp/t.sock"],
-                              "balance reuseport (from --balance)", "tcp:", "'unix:/tmp/t.sock'")
-        error = self.assertRaises(usage.UsageError, parse, ["-l", "unix:/tmp/t.sock"],
-                                  environ={"TXCLUSTER_BALANCE": "reuseport"})
-        self.assertIn("balance reuseport (from TXCLUSTER_BALANCE)", str(error))
+                              "--balance reuseport needs a tcp:", "'unix:/tmp/t.sock'")
+        settings = parse(["-l", "unix:/tmp/t.sock"], environ={"TXCLUSTER_BALANCE": "reuseport"})
+        self.assertEqual(settings.balance, "round-robin")
+        self.assertEqual(settings.warnings, (
+            "ignoring TXCLUSTER_BALANCE='reuseport': it needs a tcp:, tcp6: or ssl: --listen, "
+            "not 'unix:/tmp/t.sock'; using the default",))
         # --single has one socket anyway
         self.assertTrue(parse(["--single", "--balance", "reuseport", "-l", "unix:/tmp/t.sock"]).single)
 
@@ -221,6 +223,11 @@ class ConfigFileTests(unittest.TestCase):
         path = self.write("[txcluster]\nlisten = tcp:abc\n")
         error = self.assertRaises(usage.UsageError, parse, ["--config", path])
         self.assertIn("listen = 'tcp:abc'", str(error))
+
+    def test_reuseport_with_a_unix_socket_in_config_file(self):
+        path = self.write("[txcluster]\nbalance = reuseport\nlisten = unix:/tmp/t.sock\n")
+        error = self.assertRaises(usage.UsageError, parse, ["--config", path])
+        self.assertIn(f"--config {path}: balance = reuseport needs a tcp:", str(error))
 
     def test_bad_value_names_key_and_value(self):
         path = self.write("[txcluster]\nworkers = -3\n")

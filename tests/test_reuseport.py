@@ -4,7 +4,6 @@ loopback, bound through a memory reactor (the master never accepts on them).
 """
 
 import os
-import platform
 import socket
 from contextlib import closing
 
@@ -12,8 +11,10 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
+from txcluster import reuseport
+from txcluster.balancing import SO_INCOMING_CPU
 from txcluster.listening import StartupError
-from txcluster.reuseport import ReusePortGroup
+from txcluster.reuseport import ReusePortGroup, kernel_steers_by_cpu
 
 
 def pending_on(fd):
@@ -38,14 +39,6 @@ def option(fd, name):
         return probe.getsockopt(socket.SOL_SOCKET, name)
     finally:
         probe.detach()
-
-
-def kernel_at_least(major, minor):
-    try:
-        found = tuple(int(part) for part in platform.release().split(".")[:2])
-    except ValueError:
-        return False
-    return platform.system() == "Linux" and found >= (major, minor)
 
 
 class ReusePortGroupTests(unittest.TestCase):
@@ -115,17 +108,72 @@ class ReusePortGroupTests(unittest.TestCase):
         group = self.group(description=f"tcp:{port}:interface=127.0.0.1")  # free again
         self.assertEqual(group.first.getHost().port, port)
 
+    def test_a_port_another_reuseport_group_holds_is_in_use(self):
+        # Joining it would silently take part of that group's connections.
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            error = self.assertRaises(StartupError, ReusePortGroup, MemoryReactor(),
+                                      f"tcp:{port}:interface=127.0.0.1", 2)
+        self.assertIn("in use", str(error))
+
+    def test_a_later_socket_that_cannot_be_bound_is_a_startup_error(self):
+        bound = []
+        listen_more = reuseport._ReusePortReactor.listen_more
+
+        def only_once(binder, port, factory):
+            if bound:
+                raise CannotListenError("127.0.0.1", port, OSError(24, "Too many open files"))
+            bound.append(listen_more(binder, port, factory))
+            return bound[-1]
+
+        self.patch(reuseport._ReusePortReactor, "listen_more", only_once)
+        error = self.assertRaises(StartupError, ReusePortGroup, MemoryReactor(),
+                                  "tcp:0:interface=127.0.0.1", 3)
+        self.assertEqual(str(error), "Too many open files binding socket 2 of 3 "
+                                     "(--listen tcp:0:interface=127.0.0.1)")
+        self.assertEqual(bound[0].socket.fileno(), -1)  # the first was closed
+
     def test_sockets_are_marked_with_their_workers_cpu(self):
-        group = self.group(count=3, cpu_of=lambda worker_id: 10 + worker_id)
+        group = self.group(count=3, cpu_of=lambda worker_id: 10 + worker_id, kernel_steers=True)
         for worker_id in (1, 2, 3, 4):
-            self.assertEqual(option(group.fileno(worker_id), socket.SO_INCOMING_CPU),
+            self.assertEqual(option(group.fileno(worker_id), SO_INCOMING_CPU),
                              10 + worker_id)
+            self.assertTrue(group.steers(worker_id))
+
+    def test_no_marks_where_the_kernel_would_not_steer(self):
+        # Workers would send back clients that moved, and the kernel would
+        # hash the new connections anywhere: churn for nothing.
+        group = self.group(count=2, cpu_of=lambda worker_id: worker_id, kernel_steers=False)
+        self.assertEqual(option(group.fileno(1), SO_INCOMING_CPU), -1)
+        self.assertFalse(group.steers(1))
+        self.assertFalse(self.group(count=1).steers(1))
+
+    def test_a_worker_sharing_a_socket_is_not_steered(self):
+        group = self.group(count=2, cpu_of=lambda worker_id: worker_id, kernel_steers=True)
+
+        def cannot_bind(port, factory):
+            raise CannotListenError("127.0.0.1", port, OSError(13, "Permission denied"))
+
+        group._binder.listen_more = cannot_bind
+        group.fileno(3)
+        self.assertFalse(group.steers(3))
+        self.assertTrue(group.steers(2))
+
+    def test_which_kernels_steer(self):
+        self.assertTrue(kernel_steers_by_cpu("6.18.5-cloud-amd64"))
+        self.assertTrue(kernel_steers_by_cpu("6.2.0"))
+        self.assertFalse(kernel_steers_by_cpu("6.1.0-28-amd64"))
+        self.assertFalse(kernel_steers_by_cpu("5.15.0"))
+        self.assertFalse(kernel_steers_by_cpu("unknown"))
 
     def test_the_kernel_hands_a_connection_to_the_socket_of_its_cpu(self):
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             raise unittest.SkipTest("needs two CPUs")
-        if not kernel_at_least(6, 2):
+        if not kernel_steers_by_cpu():
             raise unittest.SkipTest("SO_INCOMING_CPU steers reuseport groups since Linux 6.2")
         group = self.group(count=2, cpu_of=lambda worker_id: cpus[worker_id - 1])
         self.addCleanup(os.sched_setaffinity, 0, cpus)

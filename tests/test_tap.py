@@ -1,9 +1,15 @@
 """The plugin's entry point builds the right service without starting it."""
 
+import os
+import socket
+from contextlib import closing
+
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from txcluster.balancing import SO_INCOMING_CPU, cpu_for
 from txcluster.master import MasterService, SingleProcessService, policy_from
+from txcluster.reuseport import kernel_steers_by_cpu
 from txcluster.tap import Options, build_service
 
 
@@ -30,6 +36,20 @@ class BuildServiceTests(unittest.TestCase):
         fds = {service._listening_fd(worker_id) for worker_id in (1, 2, 3)}
         self.assertEqual(len(fds), 3)
         self.assertIs(service.listening, service.sockets.first)
+
+    def test_reuseport_with_cpu_affinity_marks_each_socket_with_its_workers_cpu(self):
+        cpus = sorted(os.sched_getaffinity(0))
+        for args, steered in ((["--cpu-affinity"], kernel_steers_by_cpu()), ([], False)):
+            service = build_service(settings("--workers", "3", "--balance", "reuseport",
+                                             "--listen", "tcp:0:interface=127.0.0.1", *args),
+                                    MemoryReactorClock())
+            service.privilegedStartService()
+            self.addCleanup(service.sockets.close)
+            for worker_id in (1, 2, 3):
+                with closing(socket.socket(fileno=os.dup(service._listening_fd(worker_id)))) as s:
+                    marked = s.getsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU)
+                self.assertEqual(marked, cpu_for(worker_id, cpus) if steered else -1, args)
+                self.assertEqual(service._steered(worker_id), steered, args)
 
     def test_single(self):
         service = build_service(settings("--single"), MemoryReactorClock())

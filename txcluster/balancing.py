@@ -16,7 +16,7 @@ C{sendmsg} per worker and wakeup in the master.  The master still never
 reads a request's bytes.
 
 C{reuseport} (opt-in, TCP only): the master binds one C{SO_REUSEPORT}
-socket per worker id (L{txcluster.listening.ReusePortGroup}) and each
+socket per worker id (L{txcluster.reuseport.ReusePortGroup}) and each
 worker accepts on its own; the kernel picks the socket by a hash of the
 connection's addresses.  No master on the accept path and no thundering
 herd, but no evenness either: a busy worker's queue waits for it, and the
@@ -83,6 +83,9 @@ RETRY_SECONDS = 0.01
 #: the socket stays readable, so retrying at once would spin.  Also how long
 #: either end waits before reading again after its doRead raised.
 PAUSE_SECONDS = 0.1
+
+#: Linux's socket option (named in the socket module from Python 3.11 only).
+SO_INCOMING_CPU = getattr(socket, "SO_INCOMING_CPU", 49)
 
 #: accept(2) errors that concern one connection only, to be treated like EAGAIN.
 _ONE_CONNECTION_ERRORS = frozenset({
@@ -183,7 +186,7 @@ class Dealer:
 def incoming_cpu(client: socket.socket) -> Optional[int]:
     """The CPU whose network stack last received data for C{client}."""
     try:
-        cpu = client.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
+        cpu = client.getsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU)
     except (OSError, AttributeError):  # not Linux, or not a socket (a TLS handle)
         return None
     return cpu if cpu >= 0 else None  # -1: unknown (a Unix socket, say)
@@ -206,12 +209,13 @@ class Locality:
     (C{home}), the CPUs the master pins workers to in turn (C{cpus}), and
     how many workers there are, hence which CPUs have one (C{served}).
 
-    The master deals a connection to a worker on the CPU that received it.
-    On loopback that is the CPU its client ran on when it connected, and a
-    client may move afterwards (wrk starts all its threads on one CPU, and
-    the scheduler spreads them a moment later).  From then on every
-    response wakes the client across CPUs, which is what separates a shared
-    port from N independent processes.  So once a keep-alive connection
+    A new connection goes to a worker on the CPU that received it (the
+    master deals it there, or in reuseport mode the kernel hands it to
+    that worker's socket).  On loopback that is the CPU its client ran on
+    when it connected, and a client may move afterwards (wrk starts all its
+    threads on one CPU, and the scheduler spreads them a moment later).
+    From then on every response wakes the client across CPUs, which is
+    what separates a shared port from N independent processes.  So once a keep-alive connection
     has had L{RECONNECT_AFTER_REQUESTS} requests, if its packets now arrive
     on another CPU that has a worker, its next response says
     C{Connection: close}: the client reconnects from where it runs now, and
@@ -240,10 +244,10 @@ class Locality:
         return cpu is not None and cpu != self.home and cpu in self.served
 
     def to_environment(self) -> Dict[str, str]:
-        """For the master to pass to the worker it is about to pin (next to
-        C{TXCLUSTER_WORKERS}, the count)."""
+        """For the master to pass to the worker it is about to pin."""
         return {_HOME_CPU_VARIABLE: str(self.home),
-                _CPUS_VARIABLE: ",".join(map(str, self.cpus))}
+                _CPUS_VARIABLE: ",".join(map(str, self.cpus)),
+                _WORKERS_VARIABLE: str(self.workers)}
 
     @classmethod
     def from_environment(

@@ -150,6 +150,11 @@ class MasterService(BoundService):
         assert self.listening is not None
         return self.listening.fileno()
 
+    def _steered(self, worker_id: int) -> bool:
+        """With --cpu-affinity: do worker C{worker_id}'s new connections
+        come from its CPU?  (Asked after L{_listening_fd}.)"""
+        return self.sockets is None or self.sockets.steers(worker_id)
+
     def startService(self) -> None:
         super().startService()
         assert self.listening is not None
@@ -159,7 +164,7 @@ class MasterService(BoundService):
 
         self.supervisor = Supervisor(
             self.reactor,
-            WorkerSpawner(self.reactor, self.settings, self._listening_fd),
+            WorkerSpawner(self.reactor, self.settings, self._listening_fd, steered=self._steered),
             self.settings.workers,
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,

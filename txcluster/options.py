@@ -454,15 +454,22 @@ class ClusterOptions(usage.Options):
 
     @staticmethod
     def _check_balance(settings: Settings, source: str) -> Settings:
-        """reuseport binds more sockets like the first: TCP ones only."""
+        """reuseport binds more sockets like the first: TCP ones only.  Like
+        any bad value, a usage error on the command line or in the config
+        file, a warning and the default from the environment."""
         from .balancing import REUSEPORT, REUSEPORT_ENDPOINTS
 
         kind = settings.listen.partition(":")[0]
         if settings.balance != REUSEPORT or settings.single or kind in REUSEPORT_ENDPOINTS:
             return settings
-        raise usage.UsageError(
-            f"balance reuseport (from {source}) needs a tcp:, tcp6: or ssl: --listen, "
-            f"not {settings.listen!r}")
+        problem = f"needs a tcp:, tcp6: or ssl: --listen, not {settings.listen!r}"
+        if source.startswith("--"):
+            raise usage.UsageError(f"--balance reuseport {problem}")
+        if source == "config":
+            raise usage.UsageError(f"--config {settings.config}: balance = reuseport {problem}")
+        warning = f"ignoring {source}='reuseport': it {problem}; using the default"
+        return attr.evolve(settings, balance=_BY_NAME["balance"].default,
+                           warnings=settings.warnings + (warning,))
 
     @staticmethod
     def _check_listen(settings: Settings, source: str) -> Settings:

@@ -90,16 +90,24 @@ class WorkerProcessProtocol(ProcessProtocol):
 
 
 class WorkerSpawner:
-    """Spawn worker processes; C{listen_fd(worker_id)} is the listening
-    descriptor a worker accepts on (except in round-robin mode)."""
+    """Spawn worker processes.
+
+    @param listen_fd: the listening descriptor worker C{worker_id} accepts
+        on (not used in round-robin mode).
+    @param steered: with --cpu-affinity, whether worker C{worker_id}'s new
+        connections come from its own CPU, so that it should send back
+        clients that moved (not if the kernel cannot steer them).
+    """
 
     def __init__(
         self, reactor: Any, settings: Settings, listen_fd: Callable[[int], int],
         environ: Mapping[str, str] = os.environ,
+        steered: Callable[[int], bool] = lambda worker_id: True,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
         self._listen_fd = listen_fd
+        self._steered = steered
         self._environ = environ
         #: the master's usable CPUs, which workers inherit and --cpu-affinity splits
         self._cpus = sorted(os.sched_getaffinity(0))
@@ -165,7 +173,8 @@ class WorkerSpawner:
             PYTHONUNBUFFERED="1",
         )
         env[SETTINGS_VARIABLE] = self._settings.to_json()
-        if self._settings.cpu_affinity and self._settings.balance in STEERED_MODES:
+        if (self._settings.cpu_affinity and self._settings.balance in STEERED_MODES
+                and self._steered(worker_id)):
             home = cpu_for(worker_id, self._cpus)
             env.update(Locality(home, tuple(self._cpus), count).to_environment())
         return env

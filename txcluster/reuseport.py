@@ -13,15 +13,17 @@ pyOpenSSL, which the master keeps out until its options are parsed.)
 
 from __future__ import annotations
 
+import platform
 import socket
 from typing import Any, Callable, Dict, Optional
 
 from twisted.internet import tcp
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from .balancing import REUSEPORT_ENDPOINTS
+from .balancing import REUSEPORT_ENDPOINTS, SO_INCOMING_CPU
 from .listening import NeverAccepts, StartupError, bind
 
 log = Logger(namespace="txcluster.master")
@@ -51,6 +53,8 @@ class _ReusePortReactor:
     def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50,
                   interface: str = "") -> _ReusePort:
         self.backlog, self.interface = backlog, interface
+        if port:
+            _refuse_if_taken(interface, port)
         return self.listen_more(port, factory)
 
     def listenSSL(self, port: int, factory: IProtocolFactory, contextFactory: Any,
@@ -66,6 +70,34 @@ class _ReusePortReactor:
         return getattr(self._reactor, name)
 
 
+def _refuse_if_taken(interface: str, port: int) -> None:
+    """
+    Fail like the other modes if the address is in use.  A socket with
+    C{SO_REUSEPORT} would silently join another process's group on it (a
+    second cluster started by mistake, an old one still draining), which
+    would then get part of the connections.  So bind once without it.
+
+    @raise CannotListenError: the address is in use (or not ours to bind).
+    """
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's ports
+        try:
+            probe.bind((interface, port))
+        except OSError as e:
+            raise CannotListenError(interface, port, e) from None
+
+
+def kernel_steers_by_cpu(release: str = platform.release()) -> bool:
+    """Does this kernel hand a connection to the C{SO_REUSEPORT} socket
+    marked with the CPU that received it?  (Linux 6.2 and later.)"""
+    try:
+        version = tuple(int(part) for part in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return platform.system() == "Linux" and version >= (6, 2)
+
+
 class ReusePortGroup:
     """
     The listening sockets of C{description}'s address, one per worker id;
@@ -75,28 +107,43 @@ class ReusePortGroup:
     (the kernel only lets one user's sockets share a port).  A worker id
     added later (SIGTTIN) gets a socket of its own if it can still be
     bound, else shares an existing one.  L{release} closes the master's
-    copy when an id goes away (SIGTTOU).  With C{cpu_of}, each socket is
-    marked with its worker's CPU (C{SO_INCOMING_CPU}): since Linux 6.2 the
-    kernel then hands a connection to a socket marked with the CPU that
-    received it, if there is one.
+    copy when an id goes away (SIGTTOU).
 
-    @raise StartupError: like L{bind}, or C{description} is not TCP.
+    With C{cpu_of}, each socket is marked with its worker's CPU
+    (C{SO_INCOMING_CPU}): since Linux 6.2 the kernel then hands a
+    connection to a socket marked with the CPU that received it, if there
+    is one.  L{steers} says whether that happens for a worker.
+
+    @raise StartupError: an address in use, not permitted or invalid, or
+        C{description} is not TCP.
     """
 
     def __init__(self, reactor: Any, description: str, count: int,
-                 cpu_of: Optional[Callable[[int], int]] = None) -> None:
+                 cpu_of: Optional[Callable[[int], int]] = None,
+                 kernel_steers: bool = kernel_steers_by_cpu()) -> None:
         if description.partition(":")[0] not in REUSEPORT_ENDPOINTS:
             raise StartupError(f"--balance reuseport needs a tcp:, tcp6: or ssl: endpoint "
                                f"(--listen {description})")
         self._binder = _ReusePortReactor(reactor)
         self._cpu_of = cpu_of
         self._ports: Dict[int, tcp.Port] = {}
+        #: whether marked sockets get the connections of their CPU
+        self.steering = cpu_of is not None and kernel_steers
+        if cpu_of is not None and not kernel_steers:
+            log.warn("--cpu-affinity: this kernel ({release}) does not hand connections to "
+                     "the worker of the CPU that received them (Linux 6.2 does); workers "
+                     "are pinned, connections spread by hash", release=platform.release())
         #: the socket of worker 1: what the master reports listening on
         self.first: tcp.Port = bind(self._binder, description)  # type: ignore[assignment]
         try:
             self._add(1, self.first)
             for worker_id in range(2, count + 1):
                 self._add(worker_id, self._bind_more())
+        except CannotListenError as e:
+            bound = len(self._ports)
+            self.close()
+            raise StartupError(f"{e.socketError.strerror or e.socketError} binding socket "
+                               f"{bound + 1} of {count} (--listen {description})") from None
         except BaseException:
             self.close()
             raise
@@ -113,11 +160,18 @@ class ReusePortGroup:
                 return self._ports[shared].fileno()
         return self._ports[worker_id].fileno()
 
+    def steers(self, worker_id: int) -> bool:
+        """Do worker C{worker_id}'s new connections come from its own CPU?
+        (Not if it shares another worker's socket.)"""
+        return self.steering and worker_id in self._ports
+
     def release(self, worker_id: int) -> None:
         """Close the master's copy of C{worker_id}'s socket: it leaves the
         group when its worker has stopped listening too."""
         port = self._ports.pop(worker_id, None)
         if port is not None:
+            # Not stopListening(): a tcp.Port shuts its socket down, which
+            # would also refuse the connections queued for the worker.
             port.socket.close()
 
     def close(self) -> None:
@@ -130,7 +184,12 @@ class ReusePortGroup:
         return port
 
     def _add(self, worker_id: int, port: tcp.Port) -> None:
-        if self._cpu_of is not None:
-            port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU,
-                                   self._cpu_of(worker_id))
         self._ports[worker_id] = port
+        if self.steering:
+            try:
+                port.socket.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU,
+                                       self._cpu_of(worker_id))  # type: ignore[misc]
+            except OSError as e:
+                self.steering = False
+                log.warn("--cpu-affinity: cannot mark listening sockets with their CPU "
+                         "({error}); connections spread by hash", error=e)
