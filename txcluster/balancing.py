@@ -215,11 +215,11 @@ class Locality:
     when it connected, and a client may move afterwards (wrk starts all its
     threads on one CPU, and the scheduler spreads them a moment later).
     From then on every response wakes the client across CPUs, which is
-    what separates a shared port from N independent processes.  So once a keep-alive connection
-    has had L{RECONNECT_AFTER_REQUESTS} requests, if its packets now arrive
-    on another CPU that has a worker, its next response says
-    C{Connection: close}: the client reconnects from where it runs now, and
-    the new connection goes to a worker on that CPU.
+    what separates a shared port from N independent processes.  So once a
+    keep-alive connection has had L{RECONNECT_AFTER_REQUESTS} requests, if
+    its packets now arrive on another CPU that has a worker, its next
+    response says C{Connection: close}: the client reconnects from where it
+    runs now, and the new connection goes to a worker on that CPU.
     """
 
     home: int

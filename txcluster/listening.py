@@ -105,4 +105,3 @@ def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Fa
     # SSL4ServerEndpoint keeps the context factory it parsed from the
     # description; it has no public accessor.
     return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
-

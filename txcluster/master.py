@@ -17,11 +17,12 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from .balancing import REUSEPORT, ROUND_ROBIN, ConnectionDispatcher, WorkerChannel, cpu_for
+from .balancing import REUSEPORT, ROUND_ROBIN, ConnectionDispatcher, WorkerChannel
 from .control import ExitStatus
 from .listening import bind, describe
-from .reuseport import ReusePortGroup
 from .options import Settings
+from .process import WorkerSpawner
+from .reuseport import ReusePortGroup
 from .supervisor import RestartPolicy, Supervisor
 
 log = Logger(namespace="txcluster.master")
@@ -132,15 +133,16 @@ class MasterService(BoundService):
         self.supervisor: Optional[Supervisor] = None
         self.dispatcher: Optional[ConnectionDispatcher] = None
         self.sockets: Optional[ReusePortGroup] = None  # --balance reuseport
+        self.spawner = WorkerSpawner(reactor, settings, self._listening_fd,
+                                     steered=self._steered)
 
     def bind(self) -> IListeningPort:
         if self.settings.balance != REUSEPORT:
             return super().bind()
-        cpus = sorted(os.sched_getaffinity(0))
+        # Each socket is marked with the CPU its worker will be pinned to.
         self.sockets = ReusePortGroup(
             self.reactor, self.settings.listen, self.settings.workers,
-            cpu_of=(lambda worker_id: cpu_for(worker_id, cpus))
-            if self.settings.cpu_affinity else None)
+            cpu_of=self.spawner.cpu_of if self.settings.cpu_affinity else None)
         return self.sockets.first
 
     def _listening_fd(self, worker_id: int) -> int:
@@ -160,11 +162,9 @@ class MasterService(BoundService):
         assert self.listening is not None
         log.info("txcluster master (pid {pid}) listening on {address} with {n} workers",
                  pid=os.getpid(), address=describe(self.listening), n=self.settings.workers)
-        from .process import WorkerSpawner
-
         self.supervisor = Supervisor(
             self.reactor,
-            WorkerSpawner(self.reactor, self.settings, self._listening_fd, steered=self._steered),
+            self.spawner,
             self.settings.workers,
             policy_from(self.settings),
             on_crash_loop=self._crash_loop,

@@ -141,7 +141,7 @@ class WorkerSpawner:
     def _pin(self, pid: int, worker_id: int) -> Optional[int]:
         """--cpu-affinity: pin the new process to its CPU (it may have run a
         few instructions elsewhere first, which is harmless)."""
-        cpu = cpu_for(worker_id, self._cpus)
+        cpu = self.cpu_of(worker_id)
         try:
             os.sched_setaffinity(pid, {cpu})
         except OSError as e:
@@ -150,6 +150,10 @@ class WorkerSpawner:
             return None
         log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
         return cpu
+
+    def cpu_of(self, worker_id: int) -> int:
+        """The CPU --cpu-affinity pins worker C{worker_id} to."""
+        return cpu_for(worker_id, self._cpus)
 
     def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
                child_fds: Dict[int, Any]) -> None:
@@ -175,6 +179,6 @@ class WorkerSpawner:
         env[SETTINGS_VARIABLE] = self._settings.to_json()
         if (self._settings.cpu_affinity and self._settings.balance in STEERED_MODES
                 and self._steered(worker_id)):
-            home = cpu_for(worker_id, self._cpus)
+            home = self.cpu_of(worker_id)
             env.update(Locality(home, tuple(self._cpus), count).to_environment())
         return env
