@@ -53,8 +53,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from wrk import WrkResult, run_wrk, wrk_available  # bench/wrk.py, beside this script
+
 try:
-    from txcluster.load import WrkResult, run_wrk
     from txcluster.testing import (
         RunningCluster, clean_environment, pid_alive, start_cluster, wait_until,
     )
@@ -444,6 +445,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     options = parse_args(argv)
+    if not wrk_available(options.wrk):
+        sys.exit("bench/run.py: wrk is not installed (Debian: apt-get install wrk)")
     bench = Bench(options)
     try:
         bench.run()

@@ -38,6 +38,7 @@ def index(request):
 @web.route("/slow")
 def slow(request):
     seconds = float(request.args.get(b"seconds", [b"1"])[0])
+    print(f"slow request for {seconds}s in flight")  # tests wait for this line
     return deferLater(reactor, seconds, lambda: f"slept {seconds} in {os.getpid()}")
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from txcluster.balancing import cpu_for
+from txcluster.cpus import cpu_for
 from txcluster.testing import Load, pid_alive, wait_until
 
 from .integration import ClusterTestCase
@@ -77,8 +77,7 @@ class GracefulShutdownTests(ClusterTestCase):
         events = self.path("events")
         cluster = self.start(workers=1, env={"TEST_EVENTS": events})
         result = self.slow_request(cluster, 1.5)
-        wait_until(lambda: cluster.worker_pids(), 5, "worker")
-        time.sleep(0.3)  # the request is in flight
+        cluster.wait_for_log("slow request for 1.5s in flight")
         started = time.monotonic()
         cluster.signal(signal.SIGTERM)
         self.assertEqual(cluster.wait_exit(20), 0)
@@ -93,7 +92,7 @@ class GracefulShutdownTests(ClusterTestCase):
     def test_timeout_kills_what_is_left(self):
         cluster = self.start(workers=1, args=["--shutdown-timeout", "1"])
         result = self.slow_request(cluster, 60)
-        time.sleep(0.3)
+        cluster.wait_for_log("slow request for 60.0s in flight")
         started = time.monotonic()
         cluster.signal(signal.SIGTERM)
         self.assertEqual(cluster.wait_exit(20), 0)
@@ -104,7 +103,7 @@ class GracefulShutdownTests(ClusterTestCase):
     def test_second_sigint_stops_at_once(self):
         cluster = self.start(workers=2, args=["--shutdown-timeout", "60"])
         self.slow_request(cluster, 60)
-        time.sleep(0.3)
+        cluster.wait_for_log("slow request for 60.0s in flight")
         cluster.signal(signal.SIGINT)
         cluster.wait_for_log("graceful shutdown")
         started = time.monotonic()
@@ -171,10 +170,11 @@ class RollingRestartTests(ClusterTestCase):
         before = cluster.ready_workers()
         self.write_app(directory, "v2")
         with Load(cluster.url, close_clients=2, keepalive_clients=2) as load:
-            time.sleep(0.5)
+            wait_until(lambda: load.sent >= 50, 20, "load on the old workers")
             cluster.signal(signal.SIGHUP)
             cluster.wait_for_log("rolling restart done", timeout=60)
-            time.sleep(0.5)
+            after_restart = load.sent
+            wait_until(lambda: load.sent >= after_restart + 50, 20, "load on the new workers")
         self.assertGreater(load.sent, 100)
         self.assertEqual(load.failed, 0, load.errors[:5])
         after = cluster.ready_workers()
@@ -219,8 +219,7 @@ class ScalingTests(ClusterTestCase):
         self.assertEqual(len(cluster.worker_pids()), 3)
         cluster.signal(signal.SIGTTOU)
         cluster.wait_for_log(rf"worker 3 \(pid {pid3}\) exited with status 0")
-        time.sleep(0.5)
-        self.assertEqual(len(cluster.worker_pids()), 2)
+        wait_until(lambda: len(cluster.worker_pids()) == 2, 5, "2 workers")
         self.assertNotIn("respawning worker 3", cluster.output)
 
 

@@ -1,54 +1,61 @@
 """
-wrk against a real cluster on loopback: no errors, and the load spread over
-the workers, with keep-alive and with a new connection per request.
+Concurrent load against a real cluster on loopback, with keep-alive and
+with a new connection per request: no request fails, and every worker
+takes its share.  The load is L{txcluster.testing.Load}, plain Python
+threads, so this runs wherever the test extra is installed; throughput is
+measured with wrk in bench/, not here.
 """
 
-from twisted.trial import unittest
-
-from txcluster.testing import run_wrk, wrk_available
+from txcluster.testing import Load
 
 from .integration import ClusterTestCase
 
+#: Enough clients that the split says something, few enough for 2 cores.
+CLIENTS = 24
+REQUESTS_EACH = 20
 
-class WrkLoadTests(ClusterTestCase):
+
+class LoadTests(ClusterTestCase):
     workers = 2
 
-    def setUp(self):
-        if not wrk_available():
-            raise unittest.SkipTest("wrk is not installed (apt-get install wrk)")
-
-    def assertSpread(self, result):
-        self.assertEqual((result.errors, result.non2xx), (0, 0))
-        self.assertGreater(result.requests, 500)
-        shares = [result.workers.get(i, 0) / result.requests for i in range(1, self.workers + 1)]
+    def assertSpread(self, load):
+        self.assertEqual((load.failed, load.errors[:3]), (0, []))
+        self.assertEqual(load.sent, CLIENTS * REQUESTS_EACH)
+        answers = load.answers
+        shares = [answers[i] / load.sent for i in range(1, self.workers + 1)]
         # Even would be 1/N each; no worker may be left idle or take it all.
         for share in shares:
             self.assertGreater(share, 0.5 / self.workers, shares)
             self.assertLess(share, 1.5 / self.workers, shares)
 
-    def test_keep_alive(self):
+    def run_load(self, keepalive):
         cluster = self.start(app=None, workers=self.workers)
-        self.assertSpread(run_wrk([cluster.url], connections=32, threads=2, seconds=2))
+        clients = dict(close_clients=0, keepalive_clients=CLIENTS) if keepalive else \
+            dict(close_clients=CLIENTS, keepalive_clients=0)
+        with Load(cluster.url, max_requests=REQUESTS_EACH, max_seconds=60, **clients) as load:
+            load.wait(timeout=60)
+        return load
+
+    def test_keep_alive(self):
+        self.assertSpread(self.run_load(keepalive=True))
 
     def test_new_connection_per_request(self):
-        cluster = self.start(app=None, workers=self.workers)
-        self.assertSpread(run_wrk([cluster.url], connections=32, threads=2, seconds=2,
-                                  close=True))
+        self.assertSpread(self.run_load(keepalive=False))
 
 
-class KernelBalanceWrkLoadTests(WrkLoadTests):
+class KernelBalanceLoadTests(LoadTests):
     cluster_args = ("--balance", "kernel")
 
 
-class CpuAffinityWrkLoadTests(WrkLoadTests):
-    """With pinned workers and steering (unit-tested in test_balancing),
+class CpuAffinityLoadTests(LoadTests):
+    """With pinned workers and steering (unit-tested in test_round_robin),
     the load is still spread over every worker."""
 
     workers = 4
     cluster_args = ("--cpu-affinity",)
 
 
-class ReusePortWrkLoadTests(WrkLoadTests):
+class ReusePortLoadTests(LoadTests):
     """The kernel hashes each connection to a worker's socket."""
 
     cluster_args = ("--balance", "reuseport")

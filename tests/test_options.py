@@ -7,7 +7,8 @@ import tempfile
 from twisted.python import usage
 from twisted.trial import unittest
 
-from txcluster.options import SETTINGS, ClusterOptions, Settings
+from txcluster.options import SETTINGS, ClusterOptions
+from txcluster.settings import Settings
 
 #: The checkout, found at import time: trial runs tests from its own temp directory.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

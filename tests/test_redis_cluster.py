@@ -45,8 +45,8 @@ class RedisAwayTests(ClusterTestCase):
     def test_serves_while_redis_is_away_and_recovers(self):
         redis = start_redis(self)
         database = self.path("views.sqlite")
-        cluster = self.start(app=None, workers=2,
-                             args=["--redis", redis.url, "--demo-db", database])
+        cluster = self.start(app=None, workers=2, args=["--redis", redis.url],
+                             env={"TXCLUSTER_DEMO_DB": database})
         self.assertEqual(cluster.get_json("/views/home")["views"], 1)
         redis.stop()
         cluster.wait_for_log(r"\[worker \d\] .*lost the connection to Redis")
@@ -110,8 +110,9 @@ class DemoViewsTests(ClusterTestCase):
     def test_views_reach_sqlite_exactly_once(self):
         redis = start_redis(self)
         database = self.path("views.sqlite")
-        cluster = self.start(app=None, workers=2, args=["--redis", redis.url, "--demo-db", database],
-                             env={"TXCLUSTER_DEMO_FLUSH_SECONDS": "0.3"})
+        cluster = self.start(app=None, workers=2, args=["--redis", redis.url],
+                             env={"TXCLUSTER_DEMO_FLUSH_SECONDS": "0.3",
+                                  "TXCLUSTER_DEMO_DB": database})
         for i in range(60):
             cluster.get_json("/views/home" if i % 3 else "/views/about")
         expected = {"home": 40, "about": 20}

@@ -1,4 +1,4 @@
-"""The plugin's entry point builds the right service without starting it."""
+"""The plugin's entry point builds the right service, bound but not started."""
 
 import os
 import socket
@@ -7,10 +7,14 @@ from contextlib import closing
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from txcluster.balancing import SO_INCOMING_CPU, cpu_for
-from txcluster.master import MasterService, SingleProcessService, policy_from
-from txcluster.reuseport import kernel_steers_by_cpu
-from txcluster.tap import Options, build_service
+from txcluster.cpus import SO_INCOMING_CPU, cpu_for, usable_cpus
+from txcluster.master.dispatch import ConnectionDispatcher
+from txcluster.master.reuseport import kernel_steers_by_cpu
+from txcluster.master.service import MasterService, policy_from
+from txcluster.single import SingleProcessService
+from txcluster.tap import Options, build_service, makeService
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
 def settings(*argv):
@@ -20,39 +24,51 @@ def settings(*argv):
 
 
 class BuildServiceTests(unittest.TestCase):
-    def test_cluster(self):
-        reactor = MemoryReactorClock()
-        service = build_service(settings("--workers", "3"), reactor)
+    def build(self, *argv, reactor=None):
+        """Build with a real reactor's ports (bound, never started)."""
+        if reactor is None:
+            from twisted.internet import reactor
+        service = build_service(settings(*argv), reactor)
+        listening = getattr(service, "listeners", service).listening
+        self.addCleanup(lambda: listening.socket.close())
+        if getattr(service, "dispatcher", None) is not None:
+            self.addCleanup(service.dispatcher.close)
+        return service
+
+    def test_cluster_binds_at_once_and_starts_no_worker(self):
+        service = self.build("--workers", "3", "--listen", LOOPBACK)
         self.assertIsInstance(service, MasterService)
-        self.assertIsNone(service.listening)  # nothing bound until started
-        self.assertEqual(reactor.tcpServers, [])
+        self.assertNotEqual(service.listeners.listening.getHost().port, 0)
+        self.assertIsInstance(service.dispatcher, ConnectionDispatcher)
+        self.assertEqual(service.supervisor.processes, [])
+        self.assertFalse(service.running)
+
+    def test_kernel_mode_has_no_dispatcher(self):
+        service = self.build("--balance", "kernel", "--listen", LOOPBACK)
+        self.assertIsNone(service.dispatcher)
 
     def test_reuseport_binds_a_socket_per_worker_before_privileges_drop(self):
-        service = build_service(settings("--workers", "3", "--balance", "reuseport",
-                                         "--listen", "tcp:0:interface=127.0.0.1"),
-                                MemoryReactorClock())
-        service.privilegedStartService()
-        self.addCleanup(service.sockets.close)
-        fds = {service._listening_fd(worker_id) for worker_id in (1, 2, 3)}
+        service = self.build("--workers", "3", "--balance", "reuseport", "--listen", LOOPBACK,
+                             reactor=MemoryReactorClock())
+        self.addCleanup(service.listeners.close)
+        fds = {service.listeners.fileno(worker_id) for worker_id in (1, 2, 3)}
         self.assertEqual(len(fds), 3)
-        self.assertIs(service.listening, service.sockets.first)
 
     def test_reuseport_with_cpu_affinity_marks_each_socket_with_its_workers_cpu(self):
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = usable_cpus()
         for args, steered in ((["--cpu-affinity"], kernel_steers_by_cpu()), ([], False)):
-            service = build_service(settings("--workers", "3", "--balance", "reuseport",
-                                             "--listen", "tcp:0:interface=127.0.0.1", *args),
-                                    MemoryReactorClock())
-            service.privilegedStartService()
-            self.addCleanup(service.sockets.close)
+            service = self.build("--workers", "3", "--balance", "reuseport",
+                                 "--listen", LOOPBACK, *args, reactor=MemoryReactorClock())
+            self.addCleanup(service.listeners.close)
             for worker_id in (1, 2, 3):
-                with closing(socket.socket(fileno=os.dup(service._listening_fd(worker_id)))) as s:
+                fd = os.dup(service.listeners.fileno(worker_id))
+                with closing(socket.socket(fileno=fd)) as s:
                     marked = s.getsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU)
                 self.assertEqual(marked, cpu_for(worker_id, cpus) if steered else -1, args)
-                self.assertEqual(service._steered(worker_id), steered, args)
+                self.assertEqual(service.listeners.steers(worker_id), steered, args)
 
     def test_single(self):
-        service = build_service(settings("--single"), MemoryReactorClock())
+        service = self.build("--single", "--listen", LOOPBACK)
         self.assertIsInstance(service, SingleProcessService)
 
     def test_policy_follows_the_options(self):
@@ -60,6 +76,19 @@ class BuildServiceTests(unittest.TestCase):
                                       "--ready-timeout", "11", "--respawn-delay", "3"))
         self.assertEqual((policy.silence_timeout, policy.shutdown_timeout,
                           policy.ready_timeout, policy.max_delay), (7, 9, 11, 3))
+
+    def test_an_address_in_use_is_one_line_naming_it(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        listen = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        for argv in (["--workers", "2"], ["--single"]):
+            options = Options(environ={}, cpu_count=lambda: 2)
+            options.parseOptions(["--listen", listen, *argv])
+            error = self.assertRaises(SystemExit, makeService, options)
+            self.assertEqual(len(error.code.splitlines()), 1)
+            self.assertIn(f"--listen {listen}", error.code)
 
 
 class UsageErrorTests(unittest.TestCase):

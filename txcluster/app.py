@@ -18,6 +18,8 @@ from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.web.resource import IResource
 
+from .wire import WORKER_ID_VARIABLE, WORKERS_VARIABLE
+
 #: A hook or job: a plain function, one returning a Deferred, or ``async def``.
 Job = Callable[[], Union[None, Deferred, Awaitable[Any]]]
 
@@ -45,8 +47,8 @@ class WorkerInfo:
     @classmethod
     def from_environment(cls) -> "WorkerInfo":
         return cls(
-            id=int(os.environ.get("TXCLUSTER_WORKER_ID", "1")),
-            count=int(os.environ.get("TXCLUSTER_WORKERS", "1")),
+            id=int(os.environ.get(WORKER_ID_VARIABLE, "1")),
+            count=int(os.environ.get(WORKERS_VARIABLE, "1")),
             pid=os.getpid(),
         )
 
@@ -71,7 +73,7 @@ class Cluster:
 
     @ivar worker: this process's L{WorkerInfo} (set before hooks run).
     @ivar redis: the worker's txredisapi connection when C{--redis} is set.
-    @ivar settings: the L{txcluster.options.Settings} the worker runs with.
+    @ivar settings: the L{txcluster.settings.Settings} the worker runs with.
     """
 
     def __init__(self, web: Union[Klein, IResource]) -> None:

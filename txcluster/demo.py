@@ -5,7 +5,8 @@ The demo app, served by default.
 - With ``--redis``: ``GET /views/<page>`` counts a page view in Redis (every
   worker shares the counts), and a ``flush_views`` cron job (``lock=True``:
   once across all hosts sharing the Redis) moves the counts into a SQLite
-  file (``--demo-db``) through ``twisted.enterprise.adbapi``.  ``GET /views``
+  file (``TXCLUSTER_DEMO_DB``, default ``txcluster-demo.sqlite``) through
+  ``twisted.enterprise.adbapi``.  ``GET /views``
   shows the flushed totals.
 
 The flush moves each batch exactly once: the counts are first renamed to a
@@ -34,6 +35,10 @@ cluster = Cluster(web)
 VIEWS = "txcluster:demo:views"
 BATCH_PREFIX = "txcluster:demo:views:batch:"
 FLUSH_SECONDS = float(os.environ.get("TXCLUSTER_DEMO_FLUSH_SECONDS", "5"))
+#: The demo's own settings come from the environment (or --env-file), as
+#: any app's do: txcluster's options are for what every app needs.
+DB_PATH_VARIABLE = "TXCLUSTER_DEMO_DB"
+DEFAULT_DB_PATH = "txcluster-demo.sqlite"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS views (page TEXT PRIMARY KEY, count INTEGER NOT NULL)",
@@ -123,7 +128,7 @@ async def open_store() -> None:
     """With Redis, open the SQLite store and schedule the flush."""
     global store
     if cluster.redis is not None:
-        store = ViewStore(cluster.settings.demo_db)
+        store = ViewStore(os.environ.get(DB_PATH_VARIABLE) or DEFAULT_DB_PATH)
         await store.create()
         cluster.cron(seconds=FLUSH_SECONDS, lock=True)(flush_views)
 

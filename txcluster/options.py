@@ -12,7 +12,6 @@ ignored.
 from __future__ import annotations
 
 import configparser
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
@@ -20,19 +19,17 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 import attr
 from twisted.python import usage
 
-DEFAULT_APP = "txcluster.demo:cluster"
+from .cpus import usable_cpus
+from .settings import BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS, Settings
 
 
 class BadValue(ValueError):
     """A setting's value does not parse; the message says what was expected."""
 
 
-def usable_cpus() -> int:
+def usable_cpu_count() -> int:
     """How many CPUs this process may run on (respects taskset/cgroups)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return len(usable_cpus())
 
 
 # --- value parsers: text -> value, or BadValue -------------------------------
@@ -110,10 +107,8 @@ def parse_redis_url(text: str) -> str:
 
 
 def parse_balance(text: str) -> str:
-    from .balancing import MODES
-
-    if text not in MODES:
-        raise BadValue(f"expected one of {', '.join(MODES)}")
+    if text not in BALANCE_MODES:
+        raise BadValue(f"expected one of {', '.join(BALANCE_MODES)}")
     return text
 
 
@@ -236,11 +231,6 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_RESPAWN_DELAY", parse_seconds),),
     ),
     Setting(
-        "demo-db", "SQLite file the demo app flushes page views into (with --redis).",
-        default="txcluster-demo.sqlite", parse=parse_path, metavar="PATH",
-        env=(("TXCLUSTER_DEMO_DB", parse_path),),
-    ),
-    Setting(
         "access-log", "Combined-format access log file; '-' means the main log.",
         parse=parse_path, metavar="PATH", env=(("TXCLUSTER_ACCESS_LOG", parse_path),),
     ),
@@ -256,40 +246,6 @@ SETTINGS: Sequence[Setting] = (
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class Settings:
-    """The resolved configuration the master and the workers run with."""
-
-    listen: str = "tcp:8080"
-    workers: int = 1
-    single: bool = False
-    app: str = DEFAULT_APP
-    balance: str = "round-robin"
-    cpu_affinity: bool = False
-    redis: Optional[str] = None
-    shutdown_timeout: float = 30.0
-    timeout: float = 30.0
-    ready_timeout: float = 30.0
-    respawn_delay: float = 2.0
-    access_log: Optional[str] = None
-    demo_db: str = "txcluster-demo.sqlite"
-    config: Optional[str] = None
-    env_file: Optional[str] = None
-    warnings: tuple[str, ...] = ()
-
-    def to_json(self) -> str:
-        """How the master hands its settings to a worker."""
-        return json.dumps(attr.asdict(self, filter=lambda a, v: a.name != "warnings"))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Settings":
-        return cls(**json.loads(text))
-
-
-#: The environment variable that carries L{Settings} to a worker process.
-SETTINGS_VARIABLE = "TXCLUSTER_SETTINGS"
 
 
 def _config_file_values(path: str) -> dict[str, str]:
@@ -329,7 +285,7 @@ def _load_env_file(path: str, environ: MutableMapping[str, str]) -> None:
 def resolve(
     command_line: Mapping[str, Any],
     environ: MutableMapping[str, str],
-    cpu_count: Callable[[], int] = usable_cpus,
+    cpu_count: Callable[[], int] = usable_cpu_count,
     sources: Optional[dict] = None,
 ) -> Settings:
     """
@@ -341,70 +297,86 @@ def resolve(
     @param sources: if given, filled with where each value came from: the
         option (C{--name}), the variable, C{config} or C{default}.
     """
-    sources = {} if sources is None else sources
-    warnings: list[str] = []
-
     env_file = command_line.get("env-file")
     if env_file:
         _load_env_file(env_file, environ)
+    layers = _Layers(command_line, environ, {} if sources is None else sources)
+    resolved = {setting.attribute: layers.value_of(setting) for setting in SETTINGS}
+    if resolved["workers"] is None:
+        resolved["workers"] = cpu_count()
+    resolved["config"] = layers.config_path
+    if resolved["single"] and resolved["cpu_affinity"]:
+        layers.warnings.append(f"ignoring cpu-affinity (from {layers.sources['cpu-affinity']}): "
+                               "there are no workers to pin with --single")
+    return Settings(warnings=tuple(layers.warnings), **resolved)
 
-    config_path = command_line.get("config")
-    config_values = _config_file_values(config_path) if config_path else {}
-    if not config_path and environ.get("TXCLUSTER_CONFIG"):
-        config_path = environ["TXCLUSTER_CONFIG"]
+
+class _Layers:
+    """The command line, the environment and the config file, asked in
+    that order for each setting; bad environment values become warnings."""
+
+    def __init__(self, command_line: Mapping[str, Any], environ: Mapping[str, str],
+                 sources: dict) -> None:
+        self.command_line = command_line
+        self.environ = environ
+        self.sources = sources
+        self.warnings: list[str] = []
+        self.config_path: Optional[str] = command_line.get("config")
+        self.config_values = (_config_file_values(self.config_path)
+                              if self.config_path else self._config_from_environment())
+
+    def _config_from_environment(self) -> dict[str, str]:
+        path = self.environ.get("TXCLUSTER_CONFIG")
+        if not path:
+            return {}
         try:
-            config_values = _config_file_values(config_path)
+            values = _config_file_values(path)
         except usage.UsageError as e:  # a bad environment value warns
-            warnings.append(f"ignoring TXCLUSTER_CONFIG: {e}")
-            config_path = None
+            self.warnings.append(f"ignoring TXCLUSTER_CONFIG: {e}")
+            return {}
+        self.config_path = path
+        return values
 
-    def from_config_file(setting: Setting) -> Any:
-        text = config_values.get(setting.name)
-        if text is None:
-            return None
-        try:
-            return setting.parse(text)
-        except BadValue as e:
-            raise usage.UsageError(
-                f"--config {config_path}: {setting.name} = {text!r}: {e}"
-            ) from None
+    def value_of(self, setting: Setting) -> Any:
+        """The first layer that has a value for C{setting} decides; later
+        layers are not even read (a bad value there is no error)."""
+        layers: Sequence[Callable[[Setting], tuple[str, Any]]] = (
+            self._from_command_line, self._from_environment, self._from_config_file)
+        for layer in layers:
+            source, value = layer(setting)
+            if value is not None:
+                self.sources[setting.name] = source
+                return value
+        self.sources[setting.name] = "default"
+        return setting.default
 
-    def from_environment(setting: Setting) -> Any:
+    def _from_command_line(self, setting: Setting) -> tuple[str, Any]:
+        return f"--{setting.name}", self.command_line.get(setting.name)
+
+    def _from_environment(self, setting: Setting) -> tuple[str, Any]:
+        """The first variable of C{setting} that is set."""
         for variable, parse in setting.env:
-            text = environ.get(variable)
+            text = self.environ.get(variable)
             if not text:
                 continue
             try:
-                value = parse(text)
+                return variable, parse(text)
             except BadValue as e:
-                fallback = "config file" if setting.name in config_values else "default"
-                warnings.append(f"ignoring {variable}={text!r}: {e}; using the {fallback}")
-                return None
-            sources[setting.name] = variable
-            return value
-        return None
+                fallback = "config file" if setting.name in self.config_values else "default"
+                self.warnings.append(f"ignoring {variable}={text!r}: {e}; using the {fallback}")
+                break
+        return "", None
 
-    resolved: dict[str, Any] = {}
-    for setting in SETTINGS:
-        value = command_line.get(setting.name)
-        sources[setting.name] = f"--{setting.name}"
-        if value is None:
-            value = from_environment(setting)
-        if value is None:
-            value = from_config_file(setting)
-            sources[setting.name] = "config"
-        if value is None:
-            value = setting.default
-            sources[setting.name] = "default"
-        resolved[setting.attribute] = value
-
-    if resolved["workers"] is None:
-        resolved["workers"] = cpu_count()
-    resolved["config"] = config_path
-    if resolved["single"] and resolved["cpu_affinity"]:
-        warnings.append(f"ignoring cpu-affinity (from {sources['cpu-affinity']}): "
-                        "there are no workers to pin with --single")
-    return Settings(warnings=tuple(warnings), **resolved)
+    def _from_config_file(self, setting: Setting) -> tuple[str, Any]:
+        text = self.config_values.get(setting.name)
+        if text is None:
+            return "config", None
+        try:
+            return "config", setting.parse(text)
+        except BadValue as e:
+            raise usage.UsageError(
+                f"--config {self.config_path}: {setting.name} = {text!r}: {e}"
+            ) from None
 
 
 class ClusterOptions(usage.Options):
@@ -423,7 +395,7 @@ class ClusterOptions(usage.Options):
     def __init__(
         self,
         environ: Optional[MutableMapping[str, str]] = None,
-        cpu_count: Callable[[], int] = usable_cpus,
+        cpu_count: Callable[[], int] = usable_cpu_count,
     ) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
@@ -457,8 +429,6 @@ class ClusterOptions(usage.Options):
         """reuseport binds more sockets like the first: TCP ones only.  Like
         any bad value, a usage error on the command line or in the config
         file, a warning and the default from the environment."""
-        from .balancing import REUSEPORT, REUSEPORT_ENDPOINTS
-
         kind = settings.listen.partition(":")[0]
         if settings.balance != REUSEPORT or settings.single or kind in REUSEPORT_ENDPOINTS:
             return settings

@@ -6,6 +6,10 @@ may own them: a usage error or a startup error (such as an address in use)
 prints one line instead of the whole help or a traceback, and the master's
 exit status (1 after a crash loop) survives twistd, which otherwise always
 exits 0.
+
+L{makeService} binds the listening socket: twistd calls it before it
+daemonizes or drops privileges, so the port is bound by whoever started
+twistd, and an address in use is an error on the terminal.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from typing import Any, Optional, Sequence
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .listening import StartupError
-from .options import ClusterOptions, Settings
+from .master.sockets import StartupError
+from .options import ClusterOptions
+from .settings import Settings
 
 __all__ = ["Options", "makeService", "build_service"]
 
@@ -55,35 +60,29 @@ def _keep_tls_out_of_this_process() -> None:
 
 
 def build_service(settings: Settings, reactor: Any) -> IService:
-    """The master, or with C{--single} the one serving process."""
-    from .master import MasterService, SingleProcessService
+    """The master, or with C{--single} the one serving process, with its
+    listening socket bound.
 
+    @raise StartupError: C{--listen} cannot be bound.
+    """
     if settings.single:
-        return SingleProcessService(reactor, settings)
-    return MasterService(reactor, settings)
+        from .single import build_single
+
+        return build_single(reactor, settings)
+    from .master.service import build_master
+
+    return build_master(reactor, settings)
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = build_service(options.settings, reactor)
-    _report_startup_errors_in_one_line()
+    try:
+        service = build_service(options.settings, reactor)
+    except StartupError as e:
+        raise SystemExit(f"txcluster: {e}") from None
     atexit.register(_exit_with_status_of, service)
     return service
-
-
-def _report_startup_errors_in_one_line() -> None:
-    previous = sys.excepthook
-
-    def hook(kind: type, error: BaseException, traceback: Optional[Any]) -> None:
-        if issubclass(kind, StartupError):
-            # twistd has redirected sys.stderr into the log by now.
-            sys.__stderr__.write(f"txcluster: {error}\n")
-            sys.__stderr__.flush()
-        else:
-            previous(kind, error, traceback)
-
-    sys.excepthook = hook
 
 
 def _exit_with_status_of(service: Any) -> None:

@@ -9,7 +9,8 @@ Start a real cluster from a test.
             cluster.signal(signal.SIGHUP)
             cluster.wait_for_log("rolling restart done")
 
-Under load, ``Load`` counts failed requests, e.g. across a rolling restart::
+Under load, ``Load`` counts failed requests, e.g. across a rolling restart,
+and which worker answered each one::
 
     with Load(cluster.url, close_clients=2, keepalive_clients=2) as load:
         cluster.signal(signal.SIGHUP)
@@ -27,6 +28,7 @@ or pytest) or from a thread (``deferToThread``) in asynchronous ones.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -34,17 +36,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
-
-from .load import Load, LoadThread, run_wrk, wrk_available
+from collections import Counter
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from urllib.parse import urlsplit
 
 __all__ = [
     "ClusterTimeout", "Load", "LoadThread", "RunningCluster", "clean_environment",
-    "eventually", "pid_alive",
-    "run_wrk", "start_cluster", "twistd_command", "wait_until", "wrk_available",
+    "eventually", "pid_alive", "start_cluster", "twistd_command", "wait_until",
 ]
 
 T = TypeVar("T")
@@ -314,3 +316,140 @@ def start_cluster(
             cluster.kill()
             raise
     return cluster
+
+
+# Load ------------------------------------------------------------------------
+
+
+class LoadThread(threading.Thread):
+    """One client sending GETs one after another, on a new connection each
+    (or, with C{keepalive}, on one kept-alive connection), until stopped,
+    C{max_seconds} have passed, or it has sent C{max_requests}."""
+
+    def __init__(self, url: str, path: str = "/", keepalive: bool = False,
+                 max_seconds: float = 60.0, max_requests: Optional[int] = None) -> None:
+        super().__init__(daemon=True)
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.path = path
+        self.keepalive = keepalive
+        self.deadline = time.monotonic() + max_seconds
+        self.max_requests = max_requests
+        self.sent = 0
+        self.failed = 0
+        self.retried = 0
+        self.errors: List[str] = []
+        self.workers_seen: set = set()
+        #: answers by the worker id named in their JSON body ("worker": N)
+        self.answers: Counter = Counter()
+        self._stopping = threading.Event()
+        self._connection: Optional[http.client.HTTPConnection] = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(30)
+
+    def _more(self) -> bool:
+        if self.max_requests is not None and self.sent >= self.max_requests:
+            return False
+        return not self._stopping.is_set() and time.monotonic() < self.deadline
+
+    def run(self) -> None:
+        while self._more():
+            self.sent += 1
+            try:
+                self._one_request()
+            except Exception as e:
+                self.failed += 1
+                self.errors.append(f"{type(e).__name__}: {e}")
+                self._close()
+        self._close()
+
+    def _one_request(self) -> None:
+        reused = self._connection is not None
+        try:
+            self._exchange()
+        except (http.client.RemoteDisconnected, ConnectionResetError,
+                BrokenPipeError, http.client.BadStatusLine):
+            self._close()
+            if not reused:
+                raise
+            # The server closed an idle keep-alive connection: retry once.
+            self.retried += 1
+            self._exchange()
+
+    def _exchange(self) -> None:
+        if self._connection is None:
+            self._connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        headers = {} if self.keepalive else {"Connection": "close"}
+        self._connection.request("GET", self.path, headers=headers)
+        response = self._connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}: {body[:100]!r}")
+        worker = _WORKER_IN_BODY.search(body)
+        if worker:
+            self.workers_seen.add(body)
+            self.answers[int(worker[1])] += 1
+        if not self.keepalive or response.will_close:
+            self._close()
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+_WORKER_IN_BODY = re.compile(rb'"worker":\s*(\d+)')
+
+
+class Load:
+    """Several load threads as one: C{close_clients} on a new connection
+    per request, C{keepalive_clients} on one connection each."""
+
+    def __init__(self, url: str, close_clients: int = 2, keepalive_clients: int = 2,
+                 path: str = "/", max_seconds: float = 60.0,
+                 max_requests: Optional[int] = None) -> None:
+        self.threads = (
+            [LoadThread(url, path, False, max_seconds, max_requests)
+             for _ in range(close_clients)]
+            + [LoadThread(url, path, True, max_seconds, max_requests)
+               for _ in range(keepalive_clients)]
+        )
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for thread in self.threads:
+            thread.stop()
+
+    def wait(self, timeout: float = 60.0) -> "Load":
+        """Wait for every thread to reach its C{max_requests} (or deadline)."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return self
+
+    @property
+    def sent(self) -> int:
+        return sum(t.sent for t in self.threads)
+
+    @property
+    def failed(self) -> int:
+        return sum(t.failed for t in self.threads)
+
+    @property
+    def retried(self) -> int:
+        return sum(t.retried for t in self.threads)
+
+    @property
+    def errors(self) -> List[str]:
+        return [e for t in self.threads for e in t.errors]
+
+    @property
+    def answers(self) -> Counter:
+        """Answers by worker id, over every thread."""
+        return sum((t.answers for t in self.threads), Counter())

@@ -8,10 +8,10 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from txcluster.app import Cluster, WorkerInfo
-from txcluster.balancing import Locality
-from txcluster.control import ExitStatus
-from txcluster.options import Settings
-from txcluster.worker import WorkerService
+from txcluster.settings import Settings
+from txcluster.wire import ExitStatus
+from txcluster.worker.locality import Locality
+from txcluster.worker.service import WorkerService
 
 
 class FakePort:

@@ -1,27 +1,27 @@
 """
-The listening socket: bound once by the master, adopted by every worker.
+The listening socket: bound once by the master, before any worker starts.
 
 The master binds through Twisted's own endpoint parser (so every endpoint
-type works), then stops reading at once: it never accepts.  It also never
-calls C{stopListening} on that port, because a C{listenTCP} port
+type works), then stops reading at once: it never accepts on it itself
+(round-robin accepts through a copy, L{txcluster.master.dispatch}).  It
+also never calls C{stopListening} on that port, because a C{listenTCP} port
 C{shutdown()}s its socket, which would refuse connections for every worker
 sharing it; the master's copy is simply closed when the master exits.
-Workers adopt the inherited descriptor with C{adoptStreamPort}, whose ports
-only C{close()} their own copy.
 
-With C{--balance reuseport} the master binds one socket per worker instead
-(L{txcluster.reuseport}).
+L{SharedSocket} is the one socket every worker gets; with C{--balance
+reuseport} the master binds one socket per worker instead
+(L{txcluster.master.reuseport.ReusePortGroup}).  Both answer the same
+questions (L{Listeners}).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from typing import Any, List
+from typing import Any, List, Protocol
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.internet.protocol import Factory, ServerFactory
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ServerFactory
 
 
 class StartupError(Exception):
@@ -35,6 +35,40 @@ class NeverAccepts(ServerFactory):
 
     def buildProtocol(self, addr: Any) -> None:
         return None
+
+
+class Listeners(Protocol):
+    """The listening sockets the master holds for its workers."""
+
+    #: the port the master reports listening on
+    listening: IListeningPort
+
+    def fileno(self, worker_id: int) -> int:
+        """The listening descriptor worker C{worker_id} is given."""
+
+    def steers(self, worker_id: int) -> bool:
+        """Does the kernel hand worker C{worker_id} the connections that
+        arrive on its own CPU (C{--cpu-affinity})?"""
+
+    def release(self, worker_id: int) -> None:
+        """Worker id C{worker_id} is gone for good (SIGTTOU)."""
+
+
+class SharedSocket:
+    """One listening socket for every worker (round-robin, kernel)."""
+
+    def __init__(self, listening: IListeningPort) -> None:
+        self.listening = listening
+
+    def fileno(self, worker_id: int) -> int:
+        return self.listening.fileno()
+
+    def steers(self, worker_id: int) -> bool:
+        # Round-robin deals each connection to the worker of its CPU itself.
+        return True
+
+    def release(self, worker_id: int) -> None:
+        pass
 
 
 def describe(port: IListeningPort) -> str:
@@ -69,39 +103,3 @@ def bind(reactor: Any, description: str) -> IListeningPort:
         raise StartupError(f"{reason} (--listen {description})")
     result.stopReading()
     return result
-
-
-def adopt(
-    reactor: Any, fd: int, factory: IProtocolFactory, description: str,
-    accept_one: bool = False,
-) -> IListeningPort:
-    """Serve C{factory} on an inherited listening descriptor; with
-    C{accept_one}, one connection per wakeup (see L{txcluster.balancing})."""
-    port = reactor.adoptStreamPort(fd, address_family(fd), tls_wrapped(reactor, factory, description))
-    if accept_one:
-        from .balancing import accept_one_per_wakeup
-
-        accept_one_per_wakeup(port)
-    return port
-
-
-def address_family(fd: int) -> socket.AddressFamily:
-    """The address family of a socket descriptor."""
-    probe = socket.socket(fileno=fd)
-    try:
-        return probe.family
-    finally:
-        probe.detach()
-
-
-def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
-    """For C{ssl:} endpoints, wrap the factory in TLS like the endpoint would."""
-    if not description.startswith("ssl:"):
-        return factory
-    from twisted.internet.endpoints import serverFromString
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    endpoint = serverFromString(reactor, description)
-    # SSL4ServerEndpoint keeps the context factory it parsed from the
-    # description; it has no public accessor.
-    return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)

@@ -10,8 +10,8 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from txcluster.balancing import RECONNECT_AFTER_REQUESTS, Locality
-from txcluster.web import FRESH_CONNECTION_GRACE, ClusterSite
+from txcluster.worker.locality import RECONNECT_AFTER_REQUESTS, Locality
+from txcluster.worker.site import FRESH_CONNECTION_GRACE, ClusterSite
 
 
 class Slow(Resource):

@@ -1,43 +1,35 @@
 """
-A worker: load the app, connect, run startup hooks, adopt the port, serve;
-and on shutdown stop cron, stop listening, drain, run shutdown hooks,
-disconnect.
+Serving the app: load it, connect, run startup hooks, listen, serve; and on
+shutdown stop cron, stop listening, drain, run shutdown hooks, disconnect.
 
 L{WorkerService} is that sequence, with the reactor and the port injected,
-so C{--single} runs it in the master's own process.  L{main} is the worker
-process spawned by the master: C{python -m txcluster.worker}.
+so C{--single} runs it in the master's own process, and a worker process
+(L{txcluster.worker.main}) in its own.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from typing import Any, Callable, Optional
 
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .app import Cluster, WorkerInfo, call_job, load_app
-from .balancing import Locality
-from .cron import CronService, RunGuard, run_unguarded
-from .control import ExitStatus, heartbeat_interval
-from .options import Settings
-from .web import ClusterSite
+from ..app import Cluster, WorkerInfo, call_job, load_app
+from ..cron import CronService, RunGuard, run_unguarded
+from ..settings import Settings
+from ..wire import WORKERS_VARIABLE, ExitStatus
+from .locality import Locality
+from .site import ClusterSite
 
 log = Logger(namespace="txcluster.worker")
 
 #: How the worker gets its listening port: given the site, return the port.
 Listen = Callable[[IProtocolFactory], IListeningPort]
 
-#: How long an orphaned worker (its master is gone) lets requests finish,
-#: and when it exits whatever is left: the contract says within 2 s.
-ORPHAN_DRAIN_SECONDS = 1.0
-ORPHAN_EXIT_SECONDS = 1.8
 
 class WorkerService(Service):
     """Serve the app in this process, start to finish."""
@@ -105,7 +97,7 @@ class WorkerService(Service):
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:
-        from .redis import connect, parse_redis_url
+        from ..redis import connect, parse_redis_url
 
         return await connect(parse_redis_url(url), self.reactor)
 
@@ -113,7 +105,7 @@ class WorkerService(Service):
         """Jobs with C{lock=True} take a Redis lease: once across hosts."""
         locked = [spec.name for spec in cluster.cron_jobs if spec.lock]
         if self.redis is not None:
-            from .redis import RedisLease
+            from ..redis import RedisLease
 
             return RedisLease(self.redis, self.reactor)
         if locked:
@@ -125,7 +117,7 @@ class WorkerService(Service):
         """The cluster was scaled: C{cluster.worker.count}, the environment
         and the CPUs that have a worker follow."""
         self.info = attr.evolve(self.info, count=count)
-        os.environ["TXCLUSTER_WORKERS"] = str(count)
+        os.environ[WORKERS_VARIABLE] = str(count)
         if self.cluster is not None:
             self.cluster.worker = self.info
         if self.locality is not None:
@@ -164,7 +156,7 @@ class WorkerService(Service):
                 except Exception:
                     log.failure("shutdown hook {hook} failed", hook=hook)
         if self.redis is not None:
-            from .redis import disconnect
+            from ..redis import disconnect
 
             await disconnect(self.redis)
 
@@ -183,103 +175,3 @@ class WorkerService(Service):
         if deadline.active():
             deadline.cancel()
         return in_time
-
-
-# The worker process --------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the master dies (EOF on the control
-    channel is the portable signal; this one also reaches a busy worker)."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-
-
-def main() -> None:
-    """Entry point of a worker process; the master sets up fds and env."""
-    from twisted.internet import reactor
-    from twisted.internet.stdio import StandardIO
-
-    from .control import (
-        CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerSide,
-    )
-    from .options import SETTINGS_VARIABLE
-    from .logs import start_worker_logging
-
-    _die_with_parent()
-    master_pid = int(os.environ["TXCLUSTER_MASTER_PID"])
-    start_worker_logging(sys.stdout)
-    settings = Settings.from_json(os.environ[SETTINGS_VARIABLE])
-    info = WorkerInfo.from_environment()
-
-    def listen(factory: IProtocolFactory) -> IListeningPort:
-        from .balancing import KERNEL, ROUND_ROBIN, ConnectionReceiver
-        from .listening import adopt, tls_wrapped
-
-        if settings.balance == ROUND_ROBIN:
-            factory = tls_wrapped(reactor, factory, settings.listen)
-            receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, factory)
-            receiver.startListening()
-            return receiver
-        # A socket of its own (reuseport) has no other worker to share a burst with.
-        port = adopt(reactor, LISTEN_FD, factory, settings.listen,
-                     accept_one=settings.balance == KERNEL)
-        os.close(LISTEN_FD)  # adoptStreamPort made its own copy
-        return port
-
-    def master_lost() -> None:
-        if not reactor.running:
-            return
-        service.drain_seconds = min(service.drain_seconds, ORPHAN_DRAIN_SECONDS)
-        reactor.callLater(ORPHAN_EXIT_SECONDS, os._exit, int(ExitStatus.OK))
-        if not stopping:
-            log.warn("master (pid {pid}) is gone; shutting down", pid=master_pid)
-            reactor.stop()
-
-    control = WorkerSide(on_start_cron=lambda: service.start_cron(),
-                         on_master_lost=master_lost,
-                         on_count=lambda count: service.set_count(count))
-    service = WorkerService(reactor, settings, info, listen,
-                            on_ready=control.report_ready,
-                            locality=Locality.from_environment(os.environ))
-    StandardIO(control, stdin=CONTROL_TO_WORKER, stdout=CONTROL_FROM_WORKER,
-               reactor=reactor)
-    heartbeat = LoopingCall(control.heartbeat)
-    heartbeat.clock = reactor
-    stopping = False
-
-    def on_shutdown() -> Deferred:
-        # Heartbeats go on while draining: a long drain is not a hang.
-        nonlocal stopping
-        stopping = True
-        if os.getppid() != master_pid:  # PR_SET_PDEATHSIG's SIGTERM
-            master_lost()
-        left = control.report_stopping(reactor)
-        return left.addCallback(lambda _: service.stopService())
-
-    def on_start_failed(failure: Any) -> None:
-        if reactor.running:
-            reactor.stop()
-
-    def start() -> None:
-        # Ctrl-C in a terminal reaches the whole process group; the master
-        # decides what happens to workers, so they ignore SIGINT.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        heartbeat.start(heartbeat_interval(settings.timeout))
-        service.startService()
-        service.started.addErrback(on_start_failed)
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
-    reactor.run()
-    sys.exit(int(service.exit_status))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ what happens when one starts, goes silent, exits, or is replaced.
 This is pure bookkeeping over an injected clock and an injected C{spawn}
 function, so every rule (respawn, fast-crash counting, back-off, rolling
 order, timeout kill, scaling) is tested with L{twisted.internet.task.Clock}
-and fake processes.  L{txcluster.process} supplies the real processes.
+and fake processes.  L{txcluster.master.process} supplies the real processes.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .control import heartbeat_interval
+from ..wire import ExitStatus, heartbeat_interval
 
 if TYPE_CHECKING:
-    from .balancing import WorkerChannel
+    from .dispatch import WorkerChannel
 
 log = Logger(namespace="txcluster.master")
 
@@ -69,6 +69,9 @@ class ExitInfo:
             except ValueError:
                 name = str(self.signal)
             return f"exited on signal {self.signal} ({name})"
+        meaning = ExitStatus.meaning(self.status) if self.status else None
+        if meaning is not None:
+            return f"exited with status {self.status} ({meaning})"
         return f"exited with status {self.status}"
 
 
@@ -134,7 +137,7 @@ class Worker:
 
     def leaving(self) -> None:
         """The worker is shutting down (told to, or on its own)."""
-        self.retiring = True
+        self._supervisor.retire_from_serving(self)
 
     def exited(self, info: ExitInfo) -> None:
         self.exit = info
@@ -197,7 +200,7 @@ class Supervisor:
         policy: RestartPolicy = RestartPolicy(),
         on_crash_loop: Callable[[], None] = lambda: None,
         on_all_ready: Callable[[], None] = lambda: None,
-        on_worker_ready: Callable[[Worker], None] = lambda worker: None,
+        on_serving: Callable[[List[Worker]], None] = lambda workers: None,
     ) -> None:
         self.clock = clock
         self.policy = policy
@@ -211,7 +214,7 @@ class Supervisor:
         self._spawn = spawn
         self._on_crash_loop = on_crash_loop
         self._on_all_ready = on_all_ready
-        self._on_worker_ready = on_worker_ready
+        self._on_serving = on_serving
         self._respawns: Dict[int, IDelayedCall] = {}
         self._last_fast_crash = float("-inf")
         self._watchdog = LoopingCall(self._check_silence)
@@ -250,7 +253,7 @@ class Supervisor:
 
     def worker_ready(self, worker: Worker) -> None:
         log.info("worker {id} (pid {pid}) ready", id=worker.id, pid=worker.pid)
-        self._on_worker_ready(worker)
+        self._serving_changed()
         self._assign_cron()
         if not self.announced_ready and self._all_ready():
             self.announced_ready = True
@@ -263,13 +266,23 @@ class Supervisor:
         if self.stopping:
             return []
         return [w for w in self.slots.values()
-                if w is not None and w.is_ready and not w.retiring]
+                if w is not None and w.is_ready and w.alive and not w.retiring]
+
+    def retire_from_serving(self, worker: Worker) -> None:
+        """C{worker} gets no new connections from now on."""
+        if not worker.retiring:
+            worker.retiring = True
+            self._serving_changed()
+
+    def _serving_changed(self) -> None:
+        self._on_serving(self.serving())
 
     def _all_ready(self) -> bool:
         return all(w is not None and w.is_ready for w in self.slots.values())
 
     def worker_exited(self, worker: Worker) -> None:
         self.processes.remove(worker)
+        self._serving_changed()
         uptime = self.clock.seconds() - worker.started_at
         log.info("worker {id} (pid {pid}) {exit} after {uptime:.1f}s",
                  id=worker.id, pid=worker.pid, exit=worker.exit, uptime=uptime)
@@ -330,6 +343,7 @@ class Supervisor:
     def stop(self) -> Deferred:
         """Stop every worker gracefully; kill what is left after the timeout."""
         self.stopping = True
+        self._serving_changed()
         if self._watchdog.running:
             self._watchdog.stop()
         for call in self._respawns.values():
@@ -340,12 +354,13 @@ class Supervisor:
     def kill_all(self) -> None:
         """Stop at once (a second SIGINT)."""
         self.stopping = True
+        self._serving_changed()
         for worker in list(self.processes):
             worker.signal(signal.SIGKILL)
 
     def _retire(self, worker: Worker) -> Deferred:
         """SIGTERM, then SIGKILL if it outlives the shutdown timeout."""
-        worker.retiring = True
+        self.retire_from_serving(worker)
         exited = worker.when_exited()
         if not worker.alive:
             return exited

@@ -11,10 +11,10 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from txcluster import reuseport
-from txcluster.balancing import SO_INCOMING_CPU
-from txcluster.listening import StartupError
-from txcluster.reuseport import ReusePortGroup, kernel_steers_by_cpu
+from txcluster.cpus import SO_INCOMING_CPU
+from txcluster.master import reuseport
+from txcluster.master.reuseport import ReusePortGroup, kernel_steers_by_cpu
+from txcluster.master.sockets import StartupError
 
 
 def pending_on(fd):
@@ -48,7 +48,7 @@ class ReusePortGroupTests(unittest.TestCase):
         return group
 
     def connect(self, group):
-        client = socket.create_connection(("127.0.0.1", group.first.getHost().port), timeout=5)
+        client = socket.create_connection(("127.0.0.1", group.listening.getHost().port), timeout=5)
         self.addCleanup(client.close)
         return client
 
@@ -56,7 +56,7 @@ class ReusePortGroupTests(unittest.TestCase):
         group = self.group(count=3)
         fds = [group.fileno(i) for i in (1, 2, 3)]
         self.assertEqual(len(set(fds)), 3)
-        port = group.first.getHost().port
+        port = group.listening.getHost().port
         self.assertNotEqual(port, 0)
         for fd in fds:
             with closing(socket.socket(fileno=os.dup(fd))) as s:
@@ -106,7 +106,7 @@ class ReusePortGroupTests(unittest.TestCase):
                                       f"tcp:{port}:interface=127.0.0.1", 2)
         self.assertIn(f"--listen tcp:{port}", str(error))
         group = self.group(description=f"tcp:{port}:interface=127.0.0.1")  # free again
-        self.assertEqual(group.first.getHost().port, port)
+        self.assertEqual(group.listening.getHost().port, port)
 
     def test_a_port_another_reuseport_group_holds_is_in_use(self):
         # Joining it would silently take part of that group's connections.

@@ -13,7 +13,7 @@ C{Connection: close}; closing it at once would fail that request.
 
 With C{--cpu-affinity}, a keep-alive connection whose client has moved to
 another worker's CPU is also answered with C{Connection: close}, so that it
-reconnects there (L{txcluster.balancing.Locality}).
+reconnects there (L{txcluster.worker.locality.Locality}).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from .balancing import Locality
+from .locality import Locality
 
 log = Logger(namespace="txcluster.access")
 

@@ -1,38 +1,13 @@
 """
-Logging: a worker writes plain lines to its stdout; the master re-logs each
-line tagged with the worker's id, so one log shows the whole cluster.
+A worker's output as the master sees it: whole lines, re-logged under the
+worker's id (so one log shows the whole cluster), and the last few kept to
+explain a crash.  The worker's side is L{txcluster.worker.logs}.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import IO, Callable, Deque, List
-
-from twisted.logger import (
-    FileLogObserver,
-    LogLevel,
-    eventAsText,
-    globalLogBeginner,
-)
-
-_LEVEL_PREFIX = {
-    LogLevel.warn: "WARNING: ",
-    LogLevel.error: "ERROR: ",
-    LogLevel.critical: "CRITICAL: ",
-}
-
-
-def _format_worker_event(event: dict) -> str:
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    prefix = _LEVEL_PREFIX.get(event.get("log_level"), "")
-    return f"{prefix}{text}\n"
-
-
-def start_worker_logging(out: IO[str]) -> None:
-    """Log to C{out} without timestamps: the master adds its own."""
-    globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(out, _format_worker_event)], redirectStandardIO=False
-    )
+from typing import Callable, Deque, List
 
 
 class LineSplitter:

@@ -9,19 +9,22 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+import attr
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from .balancing import ROUND_ROBIN, STEERED_MODES, Locality, WorkerChannel, cpu_for
-from .control import (
-    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, ChildPipeTransport,
-    MasterSide,
+from ..cpus import Pinning
+from ..settings import ROUND_ROBIN, STEERED_MODES, Settings
+from ..wire import (
+    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerEnvironment,
 )
-from .logs import LineSplitter, OutputTail
-from .options import SETTINGS_VARIABLE, Settings
+from .channel import ChildPipeTransport, MasterSide
+from .dispatch import WorkerChannel
+from .output import LineSplitter, OutputTail
+from .sockets import Listeners
 from .supervisor import ExitInfo, Worker
 
 log = Logger(namespace="txcluster.master")
@@ -90,27 +93,24 @@ class WorkerProcessProtocol(ProcessProtocol):
 
 
 class WorkerSpawner:
-    """Spawn worker processes.
+    """
+    Spawn worker processes: C{python -m txcluster.worker} with the
+    descriptors and the environment of L{txcluster.wire}.
 
-    @param listen_fd: the listening descriptor worker C{worker_id} accepts
-        on (not used in round-robin mode).
-    @param steered: with --cpu-affinity, whether worker C{worker_id}'s new
-        connections come from its own CPU, so that it should send back
-        clients that moved (not if the kernel cannot steer them).
+    @param listeners: the listening sockets, one of which each worker gets
+        (not in round-robin mode, where it gets a connection channel).
+    @param pinning: with C{--cpu-affinity}, which CPU each worker runs on.
     """
 
     def __init__(
-        self, reactor: Any, settings: Settings, listen_fd: Callable[[int], int],
-        environ: Mapping[str, str] = os.environ,
-        steered: Callable[[int], bool] = lambda worker_id: True,
+        self, reactor: Any, settings: Settings, listeners: Listeners,
+        pinning: Optional[Pinning] = None, environ: Mapping[str, str] = os.environ,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
-        self._listen_fd = listen_fd
-        self._steered = steered
+        self._listeners = listeners
+        self._pinning = pinning
         self._environ = environ
-        #: the master's usable CPUs, which workers inherit and --cpu-affinity splits
-        self._cpus = sorted(os.sched_getaffinity(0))
 
     def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
         child_fds: Dict[int, Any] = {
@@ -122,7 +122,7 @@ class WorkerSpawner:
             ours.setblocking(False)
             child_fds[CONNECTIONS_FD] = theirs.fileno()
         else:
-            child_fds[LISTEN_FD] = self._listen_fd(worker.id)
+            child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
         protocol = WorkerProcessProtocol(worker)
         try:
             self._spawn(protocol, worker.id, count, child_fds)
@@ -133,7 +133,7 @@ class WorkerSpawner:
         finally:
             if theirs is not None:
                 theirs.close()  # the worker has its copy now
-        cpu = self._pin(protocol.pid, worker.id) if self._settings.cpu_affinity else None
+        cpu = self._pin(protocol.pid, worker.id) if self._pinning is not None else None
         if ours is not None:
             protocol.channel = WorkerChannel(ours, cpu)
         return protocol
@@ -141,19 +141,16 @@ class WorkerSpawner:
     def _pin(self, pid: int, worker_id: int) -> Optional[int]:
         """--cpu-affinity: pin the new process to its CPU (it may have run a
         few instructions elsewhere first, which is harmless)."""
-        cpu = self.cpu_of(worker_id)
+        assert self._pinning is not None
+        cpu = self._pinning.cpu_of(worker_id)
         try:
             os.sched_setaffinity(pid, {cpu})
-        except OSError as e:
+        except (OSError, AttributeError) as e:  # AttributeError: not Linux
             log.warn("could not pin worker {id} to CPU {cpu}: {error}",
                      id=worker_id, cpu=cpu, error=e)
             return None
         log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
         return cpu
-
-    def cpu_of(self, worker_id: int) -> int:
-        """The CPU --cpu-affinity pins worker C{worker_id} to."""
-        return cpu_for(worker_id, self._cpus)
 
     def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
                child_fds: Dict[int, Any]) -> None:
@@ -161,24 +158,21 @@ class WorkerSpawner:
             protocol,
             sys.executable,
             [sys.executable, "-m", "txcluster.worker"],
-            env=self.environment(worker_id, count),
+            env=self.environment(worker_id, count).to_environ(self._environ),
             # `python -m` puts this directory first on sys.path, so --app
             # imports the way it would for the user who started twistd.
             path=os.getcwd(),
             childFDs=child_fds,
         )
 
-    def environment(self, worker_id: int, count: int) -> Dict[str, str]:
-        env = dict(self._environ)
-        env.update(
-            TXCLUSTER_WORKER_ID=str(worker_id),
-            TXCLUSTER_WORKERS=str(count),
-            TXCLUSTER_MASTER_PID=str(os.getpid()),
-            PYTHONUNBUFFERED="1",
-        )
-        env[SETTINGS_VARIABLE] = self._settings.to_json()
-        if (self._settings.cpu_affinity and self._settings.balance in STEERED_MODES
-                and self._steered(worker_id)):
-            home = self.cpu_of(worker_id)
-            env.update(Locality(home, tuple(self._cpus), count).to_environment())
-        return env
+    def environment(self, worker_id: int, count: int) -> WorkerEnvironment:
+        """What worker C{worker_id} is told.  With --cpu-affinity, a worker
+        whose new connections come from its own CPU also learns the CPUs,
+        so that it sends back clients that moved (not if the kernel cannot
+        steer them to it: each would just be hashed again)."""
+        environment = WorkerEnvironment(worker_id, count, os.getpid(), self._settings)
+        if (self._pinning is not None and self._settings.balance in STEERED_MODES
+                and self._listeners.steers(worker_id)):
+            environment = attr.evolve(environment, home_cpu=self._pinning.cpu_of(worker_id),
+                                      cpus=self._pinning.cpus)
+        return environment

@@ -1,4 +1,5 @@
-"""Balancing: one accept per wakeup, and round-robin descriptor passing."""
+"""Round-robin, both ends: the master's dispatcher and dealer, and the
+worker's receiver, over real socket pairs with a fake reactor."""
 
 import os
 import socket
@@ -6,25 +7,12 @@ import socket
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from txcluster import balancing
-from txcluster.balancing import (
-    PAUSE_SECONDS, RECONNECT_AFTER_REQUESTS, RETRY_SECONDS, Accepted, ConnectionDispatcher,
-    ConnectionReceiver, Dealer, Locality, WorkerChannel, accept_one_per_wakeup, cpu_for,
+from txcluster.cpus import cpu_for
+from txcluster.master import dispatch
+from txcluster.master.dispatch import (
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, WorkerChannel,
 )
-
-
-def no_socket(worker_id: int) -> int:
-    return -1
-
-
-class FakePort:
-    def __init__(self):
-        self.numberAccepts = 100
-        self.seen = []
-
-    def doRead(self):
-        self.seen.append(self.numberAccepts)
-        self.numberAccepts += 20  # what tcp.Port does after a full batch
+from txcluster.worker.receive import ConnectionReceiver
 
 
 class RecordingReactor(Clock):
@@ -51,15 +39,6 @@ class Factory:
         pass
 
 
-class AcceptOneTests(unittest.TestCase):
-    def test_every_read_accepts_one(self):
-        port = FakePort()
-        accept_one_per_wakeup(port)
-        port.doRead()
-        port.doRead()
-        self.assertEqual(port.seen, [1, 1])
-
-
 class RoundRobinTests(unittest.TestCase):
     def setUp(self):
         self.listener = socket.socket()
@@ -73,8 +52,8 @@ class RoundRobinTests(unittest.TestCase):
             self.addCleanup(theirs.close)
         self.reactor = RecordingReactor()
         self.serving = [WorkerChannel(ours) for ours, _ in self.channels]
-        self.dispatcher = ConnectionDispatcher(
-            self.reactor, self.listener.fileno(), lambda: list(self.serving))
+        self.dispatcher = ConnectionDispatcher(self.reactor, self.listener.fileno())
+        self.dispatcher.serve(self.serving)
         self.addCleanup(self.dispatcher.close)
 
     def connect(self, n):
@@ -147,7 +126,6 @@ class RoundRobinTests(unittest.TestCase):
     def test_connections_no_worker_can_take_are_held_not_dropped(self):
         for i in range(3):
             self.fill(i)
-        self.dispatcher.start()
         clients = self.connect(2)
         self.dispatcher.doRead()
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (2, 0))
@@ -173,9 +151,9 @@ class RoundRobinTests(unittest.TestCase):
         self.assertEqual(clients[0].recv(1), b"")
 
     def test_pinned_workers_get_connections_from_their_cpu(self):
-        self.patch(balancing, "incoming_cpu", lambda client: 1)
-        self.serving[:] = [WorkerChannel(ours, cpu) for (ours, _), cpu
-                           in zip(self.channels, (0, 1, 0))]
+        self.patch(dispatch, "incoming_cpu", lambda client: 1)
+        self.dispatcher.serve([WorkerChannel(ours, cpu) for (ours, _), cpu
+                               in zip(self.channels, (0, 1, 0))])
         self.connect(3)
         self.dispatcher.doRead()
         self.assertEqual([self.received(i) for i in range(3)], [1, 2, 0])
@@ -183,16 +161,14 @@ class RoundRobinTests(unittest.TestCase):
     def test_while_no_worker_is_ready_held_connections_wait_without_polling(self):
         for i in range(3):
             self.fill(i)
-        self.dispatcher.start()
         self.connect(1)
         self.dispatcher.doRead()
-        self.serving.clear()  # every worker gone
+        self.dispatcher.serve([])  # every worker gone
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.dispatcher.held, 1)
         self.empty(0)
-        self.serving.append(WorkerChannel(self.channels[0][0]))
-        self.dispatcher.start()  # a worker is ready: send first, then accept
+        self.dispatcher.serve([WorkerChannel(self.channels[0][0])])  # send first, then accept
         self.assertNotIn(self.dispatcher, self.reactor.readers)
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual(self.dispatcher.held, 0)
@@ -206,7 +182,6 @@ class RoundRobinTests(unittest.TestCase):
             raise RuntimeError("unexpected")
 
         self.patch(socket, "send_fds", broken)
-        self.dispatcher.start()
         self.connect(2)
         self.assertRaises(RuntimeError, self.dispatcher.doRead)
         self.assertEqual(self.dispatcher.held, 2)
@@ -218,7 +193,6 @@ class RoundRobinTests(unittest.TestCase):
 
     def test_a_failing_listening_socket_pauses_accepting_instead_of_spinning(self):
         self.listener.shutdown(socket.SHUT_RDWR)  # accept() now fails every time
-        self.dispatcher.start()
         self.dispatcher.doRead()  # returns
         self.assertNotIn(self.dispatcher, self.reactor.readers)
         self.reactor.advance(PAUSE_SECONDS)
@@ -244,7 +218,7 @@ class RoundRobinTests(unittest.TestCase):
         self.dispatcher.close()
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual((self.dispatcher.held, self.reactor.getDelayedCalls()), (0, []))
-        self.dispatcher.start()  # a worker reporting ready during shutdown
+        self.dispatcher.serve(self.serving)  # a worker reporting ready during shutdown
         self.assertNotIn(self.dispatcher, self.reactor.readers)
         clients[0].settimeout(5)
         self.assertEqual(clients[0].recv(1), b"")
@@ -259,14 +233,12 @@ class RoundRobinTests(unittest.TestCase):
         self.assertEqual(self.received(2), 1)
 
     def test_no_ready_worker_leaves_connections_in_the_backlog(self):
-        self.dispatcher.start()
-        self.serving.clear()
+        self.dispatcher.serve([])
         self.connect(2)
-        self.dispatcher.doRead()
         self.assertEqual(self.dispatcher.dispatched, 0)
-        self.assertNotIn(self.dispatcher, self.reactor.readers)  # stopped reading
-        self.serving.append(WorkerChannel(self.channels[0][0]))
-        self.dispatcher.start()
+        self.assertNotIn(self.dispatcher, self.reactor.readers)  # not reading
+        self.dispatcher.serve([WorkerChannel(self.channels[0][0])])
+        self.assertIn(self.dispatcher, self.reactor.readers)
         self.dispatcher.doRead()
         self.assertEqual(self.received(0), 2)
 
@@ -347,83 +319,15 @@ class DealerTests(unittest.TestCase):
     def test_cpu_for_takes_usable_cpus_in_turn(self):
         self.assertEqual([cpu_for(i, [5, 3]) for i in range(1, 6)], [3, 5, 3, 5, 3])
 
-
-class FakeClientSocket:
-    """A connected socket as far as SO_INCOMING_CPU goes."""
-
-    def __init__(self, cpu):
-        self.cpu = cpu
-
-    def getsockopt(self, level, option):
-        assert (level, option) == (socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
-        return self.cpu
-
-
-class LocalityTests(unittest.TestCase):
-    """--cpu-affinity: a keep-alive connection whose client moved to another
-    worker's CPU is sent back to be dealt again, after enough requests."""
-
-    locality = Locality(home=1, cpus=(0, 1, 2), workers=3)
-    enough = RECONNECT_AFTER_REQUESTS
-
-    def test_client_on_another_workers_cpu_reconnects(self):
-        self.assertTrue(self.locality.should_reconnect(FakeClientSocket(0), self.enough))
-        self.assertTrue(self.locality.should_reconnect(FakeClientSocket(2), self.enough + 7))
-
-    def test_not_before_enough_requests(self):
-        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(0), self.enough - 1))
-
-    def test_client_on_this_cpu_stays(self):
-        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(1), self.enough))
-
-    def test_client_on_a_cpu_without_worker_stays(self):
-        # Reconnecting could not bring it closer to any worker.
-        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(3), self.enough))
-
-    def test_scaling_changes_which_cpus_have_a_worker(self):
-        fewer = self.locality.with_workers(2)
-        self.assertEqual(fewer.served, {0, 1})
-        self.assertFalse(fewer.should_reconnect(FakeClientSocket(2), self.enough))
-        self.assertTrue(fewer.should_reconnect(FakeClientSocket(0), self.enough))
-        self.assertEqual(self.locality.with_workers(5).served, {0, 1, 2})
-
-    def test_unknown_cpu_stays(self):
-        self.assertFalse(self.locality.should_reconnect(FakeClientSocket(-1), self.enough))
-        self.assertFalse(self.locality.should_reconnect(object(), self.enough))  # not a socket
-
-    def environment(self):
-        return {**self.locality.to_environment(), "TXCLUSTER_WORKERS": "3"}
-
-    def test_environment_round_trip_when_pinned(self):
-        self.assertEqual(Locality.from_environment(self.environment(), affinity=lambda: {1}),
-                         self.locality)
-
-    def test_none_when_not_pinned_to_home(self):
-        environ = self.environment()
-        self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0, 1}))
-        self.assertIsNone(Locality.from_environment(environ, affinity=lambda: {0}))
-
-    def test_none_when_not_asked(self):
-        self.assertIsNone(Locality.from_environment({}, affinity=lambda: {1}))
-        self.assertIsNone(Locality.from_environment(
-            {"TXCLUSTER_WORKER_CPU": "x", "TXCLUSTER_WORKER_CPUS": "0", "TXCLUSTER_WORKERS": "1"},
-            affinity=lambda: {0}))
-
-    def test_master_passes_each_worker_its_cpu_and_the_served_ones(self):
-        from txcluster.options import Settings
-        from txcluster.process import WorkerSpawner
-
-        cpus = sorted(os.sched_getaffinity(0))
-        expected = Locality(cpu_for(2, cpus), tuple(cpus), workers=2)
-        for balance in (balancing.ROUND_ROBIN, balancing.REUSEPORT):
-            settings = Settings(cpu_affinity=True, balance=balance)
-            environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)
-            self.assertEqual(Locality.from_environment(environ, affinity=lambda: {expected.home}),
-                             expected, balance)
-        for settings in (Settings(), Settings(cpu_affinity=True, balance=balancing.KERNEL)):
-            environ = WorkerSpawner(Clock(), settings, no_socket, environ={}).environment(2, 2)
-            self.assertNotIn("TXCLUSTER_WORKER_CPU", environ)
-        # reuseport, where the kernel does not steer this worker's connections
-        unsteered = WorkerSpawner(Clock(), Settings(cpu_affinity=True, balance=balancing.REUSEPORT),
-                                  no_socket, environ={}, steered=lambda worker_id: False)
-        self.assertNotIn("TXCLUSTER_WORKER_CPU", unsteered.environment(2, 2))
+    def test_the_dispatcher_forgets_workers_that_no_longer_serve(self):
+        reactor = RecordingReactor()
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        dispatcher = ConnectionDispatcher(reactor, listener.fileno())
+        self.addCleanup(dispatcher.close)
+        dispatcher.serve([WorkerChannel(object())])
+        self.assertIn(dispatcher, reactor.readers)
+        dispatcher.serve([])
+        self.assertNotIn(dispatcher, reactor.readers)

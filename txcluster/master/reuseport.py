@@ -7,8 +7,9 @@ on its own.  Because the master holds every socket for as long as its
 worker id exists, the connections queued on one whose worker is being
 respawned or replaced wait for the next process under that id instead of
 being reset, which is what makes C{SO_REUSEPORT} safe for rolling
-restarts.  (Imported by the master only: C{twisted.internet.tcp} imports
-pyOpenSSL, which the master keeps out until its options are parsed.)
+restarts.  (A module of its own: C{twisted.internet.tcp} imports
+pyOpenSSL, which the master keeps out until its options are parsed, so
+only this mode imports it.)
 """
 
 from __future__ import annotations
@@ -23,14 +24,22 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from .balancing import REUSEPORT_ENDPOINTS, SO_INCOMING_CPU
-from .listening import NeverAccepts, StartupError, bind
+from ..cpus import SO_INCOMING_CPU
+from ..settings import REUSEPORT_ENDPOINTS
+from .sockets import NeverAccepts, StartupError, bind
 
 log = Logger(namespace="txcluster.master")
 
 
 class _ReusePort(tcp.Port):
-    """A TCP port whose socket joins the C{SO_REUSEPORT} group of its address."""
+    """
+    A TCP port whose socket joins the C{SO_REUSEPORT} group of its address.
+
+    C{createInternetSocket} is the hook C{tcp.Port.startListening} makes its
+    socket with, before it binds: public in name, undocumented in fact.
+    C{tests/test_reuseport.py} checks that every socket of a group has
+    C{SO_REUSEPORT} set, so a Twisted that stops calling it fails there.
+    """
 
     def createInternetSocket(self) -> socket.socket:
         s = super().createInternetSocket()
@@ -134,9 +143,9 @@ class ReusePortGroup:
                      "the worker of the CPU that received them (Linux 6.2 does); workers "
                      "are pinned, connections spread by hash", release=platform.release())
         #: the socket of worker 1: what the master reports listening on
-        self.first: tcp.Port = bind(self._binder, description)  # type: ignore[assignment]
+        self.listening: tcp.Port = bind(self._binder, description)  # type: ignore[assignment]
         try:
-            self._add(1, self.first)
+            self._add(1, self.listening)
             for worker_id in range(2, count + 1):
                 self._add(worker_id, self._bind_more())
         except CannotListenError as e:
@@ -179,7 +188,7 @@ class ReusePortGroup:
             self.release(worker_id)
 
     def _bind_more(self) -> tcp.Port:
-        port = self._binder.listen_more(self.first.getHost().port, NeverAccepts())
+        port = self._binder.listen_more(self.listening.getHost().port, NeverAccepts())
         port.stopReading()
         return port
 

@@ -6,7 +6,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from txcluster.supervisor import ExitInfo, RestartPolicy, Supervisor
+from txcluster.master.supervisor import ExitInfo, RestartPolicy, Supervisor
 
 
 class FakeProcess:
@@ -42,6 +42,8 @@ class Harness:
         self.spawned = []
         self.crash_loops = 0
         self.all_ready = 0
+        #: what the master was told serves, after each change
+        self.serving = []
 
         def spawn(worker, count):
             process = FakeProcess(worker, count)
@@ -51,6 +53,7 @@ class Harness:
         self.supervisor = Supervisor(
             self.clock, spawn, count, RestartPolicy(**policy),
             on_crash_loop=self._crash_loop, on_all_ready=self._all_ready,
+            on_serving=lambda workers: self.serving.append([w.id for w in workers]),
         )
 
     def _crash_loop(self):
@@ -365,3 +368,38 @@ class RobustnessTests(unittest.TestCase):
         self.assertTrue(h.supervisor.stopping)
         h.clock.advance(10)
         self.assertEqual(len(h.spawned), 1)
+
+
+class ServingTests(unittest.TestCase):
+    """The master hears of every change to the workers that get new
+    connections, so the dispatcher never deals to one that cannot serve."""
+
+    def test_ready_workers_join_and_leaving_or_dead_ones_go(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        self.assertEqual(h.serving[-1], [1, 2])
+        h.current(2).leaving()
+        self.assertEqual(h.serving[-1], [1])
+        h.die(1, after=10)
+        self.assertEqual(h.serving[-1], [])
+        h.clock.advance(0)  # respawned (it lived long: no back-off)
+        h.current(1).ready()
+        self.assertEqual(h.serving[-1], [1])
+
+    def test_stopping_serves_nobody(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        h.supervisor.stop()
+        self.assertEqual(h.serving[-1], [])
+
+    def test_a_rolling_restart_swaps_each_worker_in_one_change(self):
+        h = Harness(count=1)
+        h.start_all_ready()
+        old = h.current(1)
+        ensureDeferred(h.supervisor.rolling_restart())
+        new = h.supervisor.processes[-1]
+        new.ready()
+        self.assertEqual(h.serving[-1], [1])
+        self.assertIs(h.supervisor.serving()[0], new)
+        self.assertTrue(old.retiring)
+

@@ -1,0 +1,245 @@
+"""
+The master's view of a worker process, with a fake process transport (in
+the style of Twisted's procmon tests): its control channel, its output,
+its exit, and what the spawner tells it.
+"""
+
+import os
+import signal
+
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from txcluster.cpus import Pinning, cpu_for, usable_cpus
+from txcluster.master.dispatch import WorkerChannel
+from txcluster.master.process import WorkerProcessProtocol, WorkerSpawner
+from txcluster.master.supervisor import ExitInfo
+from txcluster.settings import KERNEL, REUSEPORT, ROUND_ROBIN, Settings
+from txcluster.wire import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus
+from txcluster.worker.control import WorkerSide
+from txcluster.worker.locality import Locality
+
+
+class FakeProcessTransport:
+    """What spawnProcess gives a ProcessProtocol, as far as ours uses it."""
+
+    pid = 4242
+
+    def __init__(self):
+        self.to_child = {}
+        self.closed_fds = []
+        self.stdin_closed = False
+        self.signals = []
+        self.exited = False
+
+    def closeStdin(self):
+        self.stdin_closed = True
+
+    def writeToChild(self, fd, data):
+        self.to_child[fd] = self.to_child.get(fd, b"") + data
+
+    def closeChildFD(self, fd):
+        self.closed_fds.append(fd)
+
+    def signalProcess(self, signum):
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(signum)
+
+
+class RecordingWorker:
+    """The supervisor's L{Worker}, as far as the protocol calls it."""
+
+    id = 3
+
+    def __init__(self):
+        self.events = []
+
+    def ready(self):
+        self.events.append("ready")
+
+    def heartbeat(self):
+        self.events.append("heartbeat")
+
+    def leaving(self):
+        self.events.append("leaving")
+
+    def exited(self, info):
+        self.events.append(info)
+
+
+class WorkerEnd:
+    """The worker's end of the control channel, fed what the master wrote."""
+
+    def __init__(self, transport):
+        self.cron_started = 0
+        self.counts = []
+        self.side = WorkerSide(on_start_cron=self._cron, on_master_lost=lambda: None,
+                               on_count=self.counts.append)
+        self._transport = transport
+        self._fed = 0
+
+    def _cron(self):
+        self.cron_started += 1
+
+    def pump(self):
+        data = self._transport.to_child.get(CONTROL_TO_WORKER, b"")
+        self.side.dataReceived(data[self._fed:])
+        self._fed = len(data)
+
+
+class ProcessProtocolTests(unittest.TestCase):
+    def setUp(self):
+        self.worker = RecordingWorker()
+        self.protocol = WorkerProcessProtocol(self.worker)
+        self.transport = FakeProcessTransport()
+        self.protocol.makeConnection(self.transport)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def from_worker(self, *commands):
+        """Send what a worker's control channel would, as raw bytes."""
+        side = WorkerSide(lambda: None, lambda: None, lambda count: None)
+        side.makeConnection(StringTransport())
+        for command in commands:
+            command(side)
+        self.protocol.childDataReceived(CONTROL_FROM_WORKER, side.transport.value())
+
+    def test_connection_made_takes_the_pid_and_closes_stdin(self):
+        self.assertEqual(self.protocol.pid, 4242)
+        self.assertTrue(self.transport.stdin_closed)
+
+    def test_control_messages_reach_the_worker(self):
+        self.from_worker(WorkerSide.report_ready, WorkerSide.heartbeat)
+        self.assertEqual(self.worker.events, ["ready", "heartbeat"])
+
+    def test_stopping_is_answered_after_the_worker_leaves_the_rotation(self):
+        worker_end = WorkerEnd(self.transport)
+        worker_end.side.makeConnection(_Collecting(self.protocol))
+        answered = worker_end.side.report_stopping(Clock())
+        self.assertEqual(self.worker.events, ["leaving"])
+        worker_end.pump()
+        self.successResultOf(answered)  # the master answered
+
+    def test_cron_and_count_reach_the_worker(self):
+        worker_end = WorkerEnd(self.transport)
+        self.protocol.start_cron()
+        self.protocol.tell_count(5)
+        worker_end.pump()
+        self.assertEqual((worker_end.cron_started, worker_end.counts), (1, [5]))
+
+    def test_output_is_logged_line_by_line_under_the_worker_id(self):
+        self.protocol.childDataReceived(1, b"hello\npart")
+        self.protocol.childDataReceived(2, b"boom\n")
+        self.protocol.childDataReceived(1, b"ial\n")
+        lines = [(e["line"], e["log_system"], e["log_level"]) for e in self.events if "line" in e]
+        self.assertEqual(lines, [("hello", "worker 3", LogLevel.info),
+                                 ("boom", "worker 3", LogLevel.error),
+                                 ("partial", "worker 3", LogLevel.info)])
+        self.assertEqual(self.protocol.output_tail(), ["hello", "boom", "partial"])
+
+    def test_exit_status_and_signal_reach_the_worker(self):
+        self.protocol.childDataReceived(1, b"no newline at the end")
+        self.protocol.processEnded(Failure(ProcessTerminated(exitCode=4)))
+        self.assertEqual(self.worker.events, [ExitInfo(status=4)])
+        self.assertEqual(self.protocol.output_tail(), ["no newline at the end"])
+        other = RecordingWorker()
+        killed = WorkerProcessProtocol(other)
+        killed.makeConnection(FakeProcessTransport())
+        killed.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        self.assertEqual(other.events, [ExitInfo(signal=signal.SIGKILL)])
+
+    def test_exit_closes_the_connection_channel(self):
+        import socket
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.protocol.channel = WorkerChannel(ours)
+        self.protocol.processEnded(Failure(ProcessDone(None)))
+        self.assertEqual(ours.fileno(), -1)
+
+    def test_a_signal_to_a_process_that_exited_is_ignored(self):
+        self.protocol.signal(signal.SIGTERM)
+        self.transport.exited = True
+        self.protocol.signal(signal.SIGKILL)
+        self.assertEqual(self.transport.signals, [signal.SIGTERM])
+
+
+class _Collecting:
+    """A transport that delivers a worker's writes to the master's protocol."""
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def write(self, data):
+        self._protocol.childDataReceived(CONTROL_FROM_WORKER, data)
+
+    def writeSequence(self, data):
+        self.write(b"".join(data))
+
+    def getPeer(self):
+        return None
+
+    def getHost(self):
+        return None
+
+
+class ExitInfoTests(unittest.TestCase):
+    def test_each_exit_status_says_what_it_means(self):
+        self.assertEqual(str(ExitInfo(status=ExitStatus.APP_LOAD_ERROR)),
+                         "exited with status 4 (could not load the app)")
+        self.assertEqual(str(ExitInfo(status=ExitStatus.BOOT_ERROR)),
+                         "exited with status 3 (failed to boot)")
+        self.assertEqual(str(ExitInfo(status=0)), "exited with status 0")
+        self.assertEqual(str(ExitInfo(status=1)), "exited with status 1")
+        self.assertEqual(str(ExitInfo(signal=9)), "exited on signal 9 (SIGKILL)")
+
+
+class Sockets:
+    """L{Listeners} for the spawner, without sockets."""
+
+    def __init__(self, steers=True):
+        self._steers = steers
+
+    def fileno(self, worker_id):
+        return -1
+
+    def steers(self, worker_id):
+        return self._steers
+
+    def release(self, worker_id):
+        pass
+
+
+class SpawnerEnvironmentTests(unittest.TestCase):
+    def test_worker_environment_names_the_worker_and_carries_the_settings(self):
+        settings = Settings(workers=3, app="tests.apps:hello")
+        environ = WorkerSpawner(Clock(), settings, Sockets(),
+                                environ={"KEEP": "me"}).environment(2, 3).to_environ({"KEEP": "me"})
+        self.assertEqual((environ["TXCLUSTER_WORKER_ID"], environ["TXCLUSTER_WORKERS"],
+                          environ["KEEP"], environ["TXCLUSTER_MASTER_PID"]),
+                         ("2", "3", "me", str(os.getpid())))
+        self.assertIn('"app": "tests.apps:hello"', environ["TXCLUSTER_SETTINGS"])
+
+    def test_master_passes_each_worker_its_cpu_and_the_served_ones(self):
+        cpus = usable_cpus()
+        pinning = Pinning(cpus)
+        expected = Locality(cpu_for(2, cpus), tuple(cpus), workers=2)
+        for balance in (ROUND_ROBIN, REUSEPORT):
+            settings = Settings(cpu_affinity=True, balance=balance)
+            environment = WorkerSpawner(Clock(), settings, Sockets(), pinning).environment(2, 2)
+            self.assertEqual(Locality.of_worker(environment, affinity=lambda: [expected.home]),
+                             expected, balance)
+        for settings, pinned in ((Settings(), None),
+                                 (Settings(cpu_affinity=True, balance=KERNEL), pinning)):
+            environment = WorkerSpawner(Clock(), settings, Sockets(), pinned).environment(2, 2)
+            self.assertIsNone(environment.home_cpu)
+        # reuseport, where the kernel does not steer this worker's connections
+        unsteered = WorkerSpawner(Clock(), Settings(cpu_affinity=True, balance=REUSEPORT),
+                                  Sockets(steers=False), pinning)
+        self.assertIsNone(unsteered.environment(2, 2).home_cpu)

@@ -1,0 +1,283 @@
+"""
+Round-robin, the master's side (C{--balance round-robin}, Node's cluster
+default): the master accepts each connection and passes its descriptor to
+a ready worker over a Unix socket pair (C{SCM_RIGHTS},
+L{txcluster.wire.send_connections}); the worker adopts it
+(L{txcluster.worker.receive}).  Even under keep-alive, where connections
+are long-lived and a burst decides the split for good, at the cost of one
+C{accept} per connection and one C{sendmsg} per worker and wakeup in the
+master.  The master still never reads a request's bytes.
+
+With C{--cpu-affinity} each worker is pinned, and L{Dealer} prefers, for
+each connection, a worker on the CPU whose network stack received it
+(C{SO_INCOMING_CPU}), while keeping the split even whatever CPUs the
+connections arrive on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import attr
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..cpus import incoming_cpu
+from ..wire import ACCEPT_BATCH, send_connections
+
+log = Logger(namespace="txcluster.master")
+
+#: While no worker can take a connection (every channel full), the master
+#: holds what it accepted, stops accepting, and retries after this many seconds.
+RETRY_SECONDS = 0.01
+
+#: After accept() fails for another reason than one connection's (out of
+#: descriptors or memory, say), the master stops accepting for this long:
+#: the socket stays readable, so retrying at once would spin.  Also how long
+#: it waits before reading again after its doRead raised.
+PAUSE_SECONDS = 0.1
+
+#: accept(2) errors that concern one connection only, to be treated like EAGAIN.
+_ONE_CONNECTION_ERRORS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ENETDOWN,
+    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.ENETUNREACH,
+})
+
+
+@attr.s(frozen=True, auto_attribs=True, eq=False)
+class WorkerChannel:
+    """The master's end of a worker's connection channel, and the CPU the
+    worker is pinned to (C{None}: not pinned)."""
+
+    socket: socket.socket
+    cpu: Optional[int] = None
+
+
+class Accepted(NamedTuple):
+    """A connection accepted by the master, and the CPU that received it
+    (C{None}: unknown, or not asked because no worker is pinned)."""
+
+    client: Any  # socket.socket, or a test's stand-in
+    cpu: Optional[int] = None
+
+
+class Dealer:
+    """
+    Which worker takes each new connection.
+
+    The least-served worker first, in the order given, which is round-robin
+    while every worker takes its turn.  When workers are pinned, a
+    connection goes to the least-served worker on the CPU that received it,
+    unless that worker is more than L{SLACK} connections ahead of the least
+    served: however unevenly connections arrive over the CPUs, no worker
+    gets more than C{SLACK + 1} connections ahead of another.
+
+    No worker falls further behind than that either: one that joins (a
+    respawn, a rolling restart, SIGTTIN) or that could not take its share
+    for a while (its channel was full) is lifted to that distance from the
+    most served, so it is never flooded with a burst to catch up.
+    """
+
+    SLACK = 1
+
+    def __init__(self) -> None:
+        self._served: Dict[WorkerChannel, int] = {}
+
+    def deal(self, accepted: Sequence[Accepted],
+             targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
+        """Each target's share of C{accepted}; L{record} what it took."""
+        floor = max(self._served.values(), default=0) - (self.SLACK + 1)
+        for target in targets:
+            self._served[target] = max(self._served.get(target, floor), floor)
+        counts = {t: self._served[t] for t in targets}
+        shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
+        for connection in accepted:
+            least = min(counts.values())
+            local = [t for t in targets if t.cpu is not None and t.cpu == connection.cpu]
+            choice = min(local, key=counts.__getitem__) if local else None
+            if choice is None or counts[choice] > least + self.SLACK:
+                choice = min(targets, key=counts.__getitem__)
+            counts[choice] += 1
+            shares[choice].append(connection)
+        return [shares[t] for t in targets]
+
+    def record(self, target: WorkerChannel, n: int) -> None:
+        """C{target} took C{n} connections."""
+        self._served[target] = self._served.get(target, 0) + n
+
+    def keep_only(self, targets: Sequence[WorkerChannel]) -> None:
+        """Forget the workers that are gone."""
+        self._served = {t: n for t, n in self._served.items() if t in targets}
+
+
+@implementer(IReadDescriptor)
+class ConnectionDispatcher:
+    """
+    Accept on the listening socket and send each connection to one of the
+    serving workers' channels, as the L{Dealer} decides.  The master tells
+    it which workers serve (L{serve}); while none does, it stops accepting
+    and connections wait in the kernel's backlog.
+
+    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}) and sends
+    each worker its share in one message.  A connection no worker can take
+    yet (every channel full) is held, not dropped: the master stops
+    accepting, so the backlog takes the pressure, and retries shortly.  So
+    at most L{ACCEPT_BATCH} connections are ever held, and no message
+    carries more descriptors than a worker reads at once.
+    """
+
+    def __init__(self, reactor: Any, listening_fd: int) -> None:
+        self._reactor = reactor
+        # A copy of the master's listening socket, to accept on.
+        self._socket = socket.socket(fileno=os.dup(listening_fd))
+        self._socket.setblocking(False)
+        self._serving: List[WorkerChannel] = []
+        self._dealer = Dealer()
+        self._held: List[Accepted] = []
+        self._retry: Optional[Any] = None
+        self._closed = False
+        self.reading = False
+        self.dispatched = 0
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "ConnectionDispatcher"
+
+    @property
+    def held(self) -> int:
+        """Connections accepted that no worker could take yet."""
+        return len(self._held)
+
+    def serve(self, channels: Sequence[WorkerChannel]) -> None:
+        """From now on, deal connections to C{channels} (the ready workers
+        that are not stopping), in this order; none: stop accepting."""
+        self._serving = list(channels)
+        if self._serving:
+            self._start()
+        else:
+            self._stop()
+
+    def _start(self) -> None:
+        if self._closed:
+            return
+        if self._held:
+            self._schedule_retry()  # accepting resumes once they are sent
+        elif not self.reading and self._socket.fileno() >= 0:
+            self.reading = True
+            self._reactor.addReader(self)
+
+    def _stop(self) -> None:
+        """Stop accepting; what is not accepted stays in the backlog."""
+        if self.reading:
+            self.reading = False
+            self._reactor.removeReader(self)
+
+    def close(self) -> None:
+        """Stop for good: send what is held to the workers still serving
+        (they drain it), and close what none can take, like the connections
+        left in the backlog when the listening socket closes."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop()
+        try:
+            self._send_held(self._serving)
+        except Exception:
+            log.failure("could not send the held connections at shutdown")
+        finally:
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            for connection in self._held:
+                connection.client.close()
+            if self._held:
+                log.warn("closed {n} connections no worker could take", n=len(self._held))
+            self._held = []
+            self._socket.close()  # our copy only: never shutdown()
+
+    def doRead(self) -> None:
+        if not self._serving:  # pragma: no cover - serve([]) stopped reading
+            self._stop()
+            return
+        steering = any(t.cpu is not None for t in self._serving)
+        self._held.extend(
+            Accepted(client, incoming_cpu(client) if steering else None)
+            for client in self._accept_waiting())
+        self._send_held(self._serving)
+
+    def _accept_waiting(self) -> List[socket.socket]:
+        accepted: List[socket.socket] = []
+        while len(accepted) + len(self._held) < ACCEPT_BATCH:
+            try:
+                client, _ = self._socket.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _ONE_CONNECTION_ERRORS:  # that client is gone: next
+                    continue
+                log.warn("accept() failed: {error}; pausing", error=e)
+                self._stop()
+                self._reactor.callLater(PAUSE_SECONDS, self._start)
+                break
+            accepted.append(client)
+        return accepted
+
+    def _send_held(self, ready: List[WorkerChannel]) -> None:
+        """Deal the held connections over the C{ready} workers, one message
+        per worker; a worker that cannot take its share (busy, gone, over
+        its fd limit) leaves it to be dealt again over the others.  What
+        none takes stays held: accepting stops, and while some worker is
+        ready a retry is due (else the next L{serve})."""
+        self._dealer.keep_only(ready)
+        targets = list(ready)
+        try:
+            while self._held and targets:
+                shares = self._dealer.deal(self._held, targets)
+                refused = []
+                for target, share in zip(targets, shares):
+                    if share and self._send(target.socket, share):
+                        self._dealer.record(target, len(share))
+                        self._held = [c for c in self._held if c not in share]
+                    elif share:
+                        refused.append(target)
+                targets = [t for t in targets if t not in refused]
+        finally:
+            if self._held:
+                self._stop()
+                if ready:
+                    self._schedule_retry()
+
+    def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
+        try:
+            send_connections(channel, [c.client.fileno() for c in share])
+        except OSError:
+            return False
+        for connection in share:
+            connection.client.close()  # the worker has its copy
+        self.dispatched += len(share)
+        return True
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self._reactor.callLater(RETRY_SECONDS, self._retry_held)
+
+    def _retry_held(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        try:
+            self._send_held(self._serving)
+        finally:
+            if not self._held and self._serving:
+                self._start()
+
+    def connectionLost(self, reason: Any) -> None:
+        """doRead raised: Twisted has dropped us from the reactor."""
+        log.failure("the connection dispatcher failed; resuming", reason)
+        self.reading = False
+        self._reactor.callLater(PAUSE_SECONDS, self._start)

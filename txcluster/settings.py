@@ -1,0 +1,59 @@
+"""
+The resolved configuration, as the master and every worker run with it.
+
+L{txcluster.options} builds a L{Settings} from the command line, the
+environment and the config file; the master hands it to each worker in its
+environment (L{txcluster.wire.WorkerEnvironment}).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import attr
+
+DEFAULT_APP = "txcluster.demo:cluster"
+
+#: C{--balance} modes (see README.rst, "Balancing").
+ROUND_ROBIN = "round-robin"  # the master accepts and deals each connection
+KERNEL = "kernel"  # every worker accepts on the one shared socket
+REUSEPORT = "reuseport"  # a SO_REUSEPORT socket per worker id
+BALANCE_MODES = (ROUND_ROBIN, KERNEL, REUSEPORT)
+
+#: The modes where --cpu-affinity also keeps each connection on the CPU
+#: that received it (and so a worker sends back a client that moved).
+STEERED_MODES = (ROUND_ROBIN, REUSEPORT)
+
+#: The endpoint types reuseport can bind more sockets of.
+REUSEPORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class Settings:
+    """The resolved configuration the master and the workers run with."""
+
+    listen: str = "tcp:8080"
+    workers: int = 1
+    single: bool = False
+    app: str = DEFAULT_APP
+    balance: str = ROUND_ROBIN
+    cpu_affinity: bool = False
+    redis: Optional[str] = None
+    shutdown_timeout: float = 30.0
+    timeout: float = 30.0
+    ready_timeout: float = 30.0
+    respawn_delay: float = 2.0
+    access_log: Optional[str] = None
+    config: Optional[str] = None
+    env_file: Optional[str] = None
+    #: what was ignored while resolving (bad environment values); the
+    #: master logs them once it runs, and workers never see them
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(attr.asdict(self, filter=lambda a, v: a.name != "warnings"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))

@@ -1,0 +1,5 @@
+"""C{python -m txcluster.worker}: the process the master spawns."""
+
+from .main import main
+
+main()

@@ -1,0 +1,50 @@
+"""
+A worker's end of its control channel to the master: AMP over the pipes
+L{txcluster.wire.CONTROL_TO_WORKER} and L{txcluster.wire.CONTROL_FROM_WORKER}.
+EOF on the channel tells the worker that its master is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+
+from ..wire import Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount
+
+
+class WorkerSide(QuietAMP):
+    """A worker's end of its channel to the master."""
+
+    def __init__(self, on_start_cron: Callable[[], None], on_master_lost: Callable[[], None],
+                 on_count: Callable[[int], None]):
+        super().__init__()
+        self._on_start_cron = on_start_cron
+        self._on_master_lost = on_master_lost
+        self._on_count = on_count
+
+    @StartCron.responder
+    def start_cron(self) -> dict:
+        self._on_start_cron()
+        return {}
+
+    @WorkerCount.responder
+    def worker_count(self, count: int) -> dict:
+        self._on_count(count)
+        return {}
+
+    def report_ready(self) -> None:
+        self.callRemote(Ready)
+
+    def heartbeat(self) -> None:
+        self.callRemote(Heartbeat)
+
+    def report_stopping(self, clock: Any, timeout: float = 1.0) -> Deferred:
+        """Tell the master we are stopping; fires once it has answered
+        (or after C{timeout}, or at once if the master is gone)."""
+        return (self.callRemote(Stopping).addTimeout(timeout, clock)
+                .addErrback(lambda failure: None))
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._on_master_lost()

@@ -1,0 +1,101 @@
+"""
+How a worker gets its connections, in each C{--balance} mode:
+
+- C{round-robin}: from the master, over its connection channel
+  (L{txcluster.worker.receive.ConnectionReceiver});
+- C{kernel}: it adopts the one listening socket every worker shares, and
+  takes one connection per wakeup (L{accept_one_per_wakeup});
+- C{reuseport}: it adopts a socket of its own, bound by the master.
+
+Either way an C{ssl:} endpoint's TLS is terminated here, in the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List
+
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory
+
+from ..settings import KERNEL, ROUND_ROBIN, Settings
+from ..wire import CONNECTIONS_FD, LISTEN_FD
+from .receive import ConnectionReceiver, address_family
+
+
+def listen(reactor: Any, settings: Settings, factory: IProtocolFactory) -> IListeningPort:
+    """Serve C{factory} on what the master passed this worker process."""
+    if settings.balance == ROUND_ROBIN:
+        receiver = ConnectionReceiver(
+            reactor, CONNECTIONS_FD, tls_wrapped(reactor, factory, settings.listen))
+        receiver.startListening()
+        return receiver
+    # A socket of its own (reuseport) has no other worker to share a burst with.
+    port = adopt(reactor, LISTEN_FD, factory, settings.listen,
+                 accept_one=settings.balance == KERNEL)
+    os.close(LISTEN_FD)  # adoptStreamPort made its own copy
+    return port
+
+
+def adopt(
+    reactor: Any, fd: int, factory: IProtocolFactory, description: str,
+    accept_one: bool = False,
+) -> IListeningPort:
+    """Serve C{factory} on an inherited listening descriptor; with
+    C{accept_one}, one connection per wakeup."""
+    port = reactor.adoptStreamPort(fd, address_family(fd), tls_wrapped(reactor, factory, description))
+    if accept_one:
+        accept_one_per_wakeup(port)
+    return port
+
+
+def accept_one_per_wakeup(port: IListeningPort) -> None:
+    """
+    Make a Twisted TCP/Unix port accept one connection per reactor wakeup.
+
+    When every worker accepts on one socket, the kernel wakes them all and
+    the first to call C{accept()} wins; Twisted's port accepts up to 100+
+    connections per wakeup, so one worker could drain a whole burst.
+    Taking one per wakeup spreads them, as tornado and libuv did for the
+    same problem.
+
+    C{tcp.Port.doRead} accepts up to C{numberAccepts} connections and
+    raises that number after every full batch.  The attribute is public in
+    name but undocumented, so C{tests/test_worker_listen.py} runs a real
+    port and fails if a read ever takes more than one connection.
+    """
+    if not hasattr(port, "numberAccepts"):  # pragma: no cover - not a tcp.Port
+        return
+    read = port.doRead
+
+    def read_one() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = read_one
+
+
+class _ContextFactoryOf:
+    """A reactor stand-in that an C{ssl:} endpoint listens on: it only
+    keeps the TLS context factory the endpoint parsed from its description."""
+
+    def __init__(self) -> None:
+        self.found: List[Any] = []
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any,
+                  backlog: int = 50, interface: str = "") -> None:
+        self.found.append(contextFactory)
+
+
+def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
+    """For C{ssl:} endpoints, wrap the factory in TLS as the endpoint would."""
+    if not description.startswith("ssl:"):
+        return factory
+    from twisted.internet.endpoints import serverFromString
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    # The endpoint's public way to its context factory: listenSSL.
+    recorder = _ContextFactoryOf()
+    serverFromString(recorder, description).listen(factory)
+    [context_factory] = recorder.found
+    return TLSMemoryBIOFactory(context_factory, False, factory)

@@ -1,0 +1,111 @@
+"""
+Round-robin, the worker's side: adopt the connections the master sends
+over the worker's connection channel (L{txcluster.wire.CONNECTIONS_FD}).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..wire import ACCEPT_BATCH, receive_connections
+
+log = Logger(namespace="txcluster.worker")
+
+#: How long the receiver waits before reading again after its doRead raised.
+PAUSE_SECONDS = 0.1
+
+
+def address_family(fd: int) -> socket.AddressFamily:
+    """The address family of a socket descriptor."""
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family
+    finally:
+        probe.detach()
+
+
+@implementer(IReadDescriptor, IListeningPort)
+class ConnectionReceiver:
+    """
+    Adopt the connections the master sends.  Acts as the worker's
+    listening port: C{stopListening} adopts what the
+    master already sent, then stops.
+    """
+
+    def __init__(self, reactor: Any, channel_fd: int, factory: IProtocolFactory) -> None:
+        self._reactor = reactor
+        self._channel = socket.socket(fileno=channel_fd)
+        self._channel.setblocking(False)
+        self._factory = factory
+        self._family: Optional[socket.AddressFamily] = None  # one listening socket: one family
+        self.adopted = 0
+
+    def fileno(self) -> int:
+        return self._channel.fileno()
+
+    def logPrefix(self) -> str:
+        return "ConnectionReceiver"
+
+    def startListening(self) -> None:
+        self._factory.doStart()
+        self._reactor.addReader(self)
+
+    def stopListening(self) -> Deferred:
+        if self._channel.fileno() >= 0:
+            self._reactor.removeReader(self)
+            # The master may not know yet that this worker is stopping (say,
+            # systemd sent SIGTERM to every process): from now on its sends
+            # fail, and it deals those connections to another worker.
+            self._channel.shutdown(socket.SHUT_RD)
+            self.doRead()  # what the master sent before
+            self._channel.close()
+            self._factory.doStop()
+        return succeed(None)
+
+    def getHost(self) -> Any:
+        return None
+
+    def doRead(self) -> Optional[Any]:
+        while True:
+            try:
+                received = receive_connections(self._channel)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                log.warn("receiving connections failed: {error}", error=e)
+                return None
+            if received.truncated:  # the kernel closed what did not fit
+                log.error("connections lost: the message from the master was truncated "
+                          "(this worker is out of file descriptors, or more than {n} "
+                          "came at once)", n=ACCEPT_BATCH)
+            for fd in received.fds:
+                self._adopt(fd)
+            if received.closed:  # the master closed its end: it is gone
+                self._reactor.removeReader(self)
+                return None
+
+    def _adopt(self, fd: int) -> None:
+        try:
+            if self._family is None:
+                self._family = address_family(fd)
+            self._reactor.adoptStreamConnection(fd, self._family, self._factory)
+            self.adopted += 1
+        except OSError as e:  # the client went away meanwhile
+            log.debug("could not adopt a connection: {error}", error=e)
+        except Exception:
+            log.failure("could not adopt a connection")
+        finally:
+            os.close(fd)
+
+    def connectionLost(self, reason: Any) -> None:
+        """doRead raised: Twisted has dropped us from the reactor."""
+        log.failure("receiving connections failed; resuming", reason)
+        if self._channel.fileno() >= 0:
+            self._reactor.callLater(PAUSE_SECONDS, self._reactor.addReader, self)
