@@ -61,8 +61,7 @@ class ServingTests(ClusterTestCase):
 
     def test_twist_runs_it_too(self):
         twist = os.path.join(os.path.dirname(twistd_command()[0]), "twist")
-        if not os.path.exists(twist):
-            self.skipTest("no twist script next to twistd")
+        self.assertTrue(os.path.exists(twist), f"no twist script next to twistd: {twist}")
         port = free_port()
         process = subprocess.Popen(
             [twist, "txcluster", "--listen", f"tcp:{port}:interface=127.0.0.1",

@@ -140,6 +140,15 @@ class ParseURLTests(unittest.TestCase):
 
 
 class ConnectTests(RedisTestCase):
+    async def test_the_pool_behind_a_connection_is_ours(self):
+        from txcluster.redis import _PoolFactory, pool_of
+
+        redis = await self.connect()
+        pool = pool_of(redis)
+        self.assertIsInstance(pool, _PoolFactory)
+        self.assertEqual((pool.size, pool.disconnectCalled), (1, False))
+        self.assertTrue(callable(pool.waitForEmptyPool))
+
     async def test_set_get_tcp(self):
         redis = await self.connect()
         self.assertTrue(connected(redis))

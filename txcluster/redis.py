@@ -95,9 +95,22 @@ def _endpoint(config: RedisConfig, reactor: Any) -> IStreamClientEndpoint:
     return HostnameEndpoint(reactor, config.host, config.port, timeout=CONNECT_TIMEOUT)
 
 
+def pool_of(connection: RedisConnection) -> "_PoolFactory":
+    """
+    The pool behind a connection that L{connect} returned.
+
+    txredisapi's handler has no public way to its factory, and only the
+    factory knows how many connections are up and whether disconnecting
+    has begun; C{_factory} is where every txredisapi release keeps it.
+    C{tests/test_redis.py} checks that it is still our pool, with the
+    attributes used here, so an upgrade that changes it fails there.
+    """
+    return connection._factory
+
+
 def connected(connection: RedisConnection) -> bool:
     """True while at least one connection of the pool is up."""
-    return connection._factory.size > 0
+    return pool_of(connection).size > 0
 
 
 async def connect(
@@ -159,7 +172,7 @@ async def disconnect(connection: RedisConnection) -> None:
     returns once all are closed.  Commands still waiting for a reply fail
     with C{txredisapi.ConnectionError}.  Calling it again is harmless.
     """
-    factory = connection._factory
+    factory = pool_of(connection)
     if factory.disconnectCalled:
         # txredisapi's disconnect() fires from inside a ClientService state
         # transition; calling it again from there raises RuntimeError

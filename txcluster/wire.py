@@ -13,7 +13,6 @@ Both sides import this module and nothing of each other.
 
 from __future__ import annotations
 
-import os
 import socket
 from enum import IntEnum
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -197,8 +196,3 @@ def receive_connections(channel: socket.socket) -> Received:
     """
     data, fds, flags, _ = socket.recv_fds(channel, ACCEPT_BATCH, ACCEPT_BATCH)
     return Received(list(fds), closed=not data, truncated=bool(flags & socket.MSG_CTRUNC))
-
-
-def close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        os.close(fd)
