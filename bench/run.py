@@ -17,7 +17,8 @@ side by side, the baseline and the clusters:
   to them), driven like the cluster by one wrk: what a shared port costs
   without any manager;
 - the cluster with N workers, once per ``--balance`` mode (and with
-  ``--cpu-affinity``: ``round-robin+affinity``, ``reuseport+affinity``),
+  ``--cpu-affinity``: ``round-robin+affinity``, ``reuseport+affinity``;
+  with ``--metrics``: ``round-robin+metrics``, for what metrics cost),
   counting which worker answered each request (a wrk Lua script reads
   ``"worker": N``).
 
@@ -287,9 +288,14 @@ class Bench:
             tops = [cluster_name(n, balance) for balance in self.o.balance]
             if n > 1:
                 tops.append(f"reuseport-{n}")
-            for top in tops:
-                cells = [self._ratio_text(top, baseline, mode) for mode in ("keep-alive", "close")]
-                print(f"  {top + ' / ' + baseline:<46}{cells[0]:>15}{cells[1]:>18}")
+            pairs = [(top, baseline) for top in tops]
+            # What --metrics costs: each +metrics variant against the same without.
+            pairs += [(cluster_name(n, balance), cluster_name(n, balance.replace("+metrics", "")))
+                      for balance in self.o.balance
+                      if "+metrics" in balance and balance.replace("+metrics", "") in self.o.balance]
+            for top, bottom in pairs:
+                cells = [self._ratio_text(top, bottom, mode) for mode in ("keep-alive", "close")]
+                print(f"  {top + ' / ' + bottom:<46}{cells[0]:>15}{cells[1]:>18}")
 
         print(f"\n{'per-worker share max/min (all rounds)':<50}keep-alive   close")
         for n in self.o.workers:
@@ -344,10 +350,20 @@ def cluster_name(workers: int, variant: str) -> str:
     return f"cluster-{workers}/{variant}"
 
 
+#: What a +suffix of a --balance variant adds to the cluster's command line.
+VARIANT_OPTIONS = {
+    "affinity": ["--cpu-affinity"],
+    # Metrics on (workers time every request and report it): compare with
+    # the same mode without, to see what reporting metrics costs.
+    "metrics": ["--metrics", "tcp:0:interface=127.0.0.1"],
+}
+
+
 def variant_args(variant: str) -> List[str]:
-    """C{round-robin+affinity} -> C{--balance round-robin --cpu-affinity}."""
-    balance, _, affinity = variant.partition("+")
-    return ["--balance", balance] + (["--cpu-affinity"] if affinity else [])
+    """C{round-robin+affinity} -> C{--balance round-robin --cpu-affinity};
+    C{round-robin+metrics} -> C{--balance round-robin --metrics ...}."""
+    balance, *extras = variant.split("+")
+    return ["--balance", balance] + [arg for extra in extras for arg in VARIANT_OPTIONS[extra]]
 
 
 def share(result: WrkResult, expected: int) -> Dict[int, int]:
@@ -426,7 +442,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="directory the cluster runs in, where --app is imported from")
     p.add_argument("--balance", type=lambda text: text.split(","), default=DEFAULT_MODES,
                    help="--balance modes of the clusters, comma-separated, each "
-                        "optionally +affinity for --cpu-affinity "
+                        "optionally +affinity for --cpu-affinity and/or +metrics for "
+                        "--metrics "
                         f"(default {','.join(DEFAULT_MODES)})")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
     options = p.parse_args(argv)

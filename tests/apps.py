@@ -42,6 +42,15 @@ def slow(request):
     return deferLater(reactor, seconds, lambda: f"slept {seconds} in {os.getpid()}")
 
 
+@web.route("/block")
+def block(request):
+    """Blocks the whole reactor (a hung worker), for the given seconds."""
+    seconds = float(request.args.get(b"seconds", [b"30"])[0])
+    print(f"blocking the reactor for {seconds}s")
+    time.sleep(seconds)
+    return "unblocked"
+
+
 @cluster.cron(seconds=float(os.environ.get("TEST_CRON_SECONDS", "0.2")))
 def tick():
     record("TEST_CRON", f"{cluster.worker.id} {os.getpid()} {time.time():.3f}")

@@ -19,7 +19,7 @@ from txcluster.master.dispatch import WorkerChannel
 from txcluster.master.process import WorkerProcessProtocol, WorkerSpawner
 from txcluster.master.supervisor import ExitInfo
 from txcluster.settings import KERNEL, REUSEPORT, ROUND_ROBIN, Settings
-from txcluster.wire import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus
+from txcluster.wire import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus, WorkerStats
 from txcluster.worker.control import WorkerSide
 from txcluster.worker.locality import Locality
 
@@ -62,11 +62,14 @@ class RecordingWorker:
     def ready(self):
         self.events.append("ready")
 
-    def heartbeat(self):
-        self.events.append("heartbeat")
+    def heartbeat(self, stats=None):
+        self.events.append("heartbeat" if stats is None else ("heartbeat", stats))
 
     def leaving(self):
         self.events.append("leaving")
+
+    def failed(self, status, summary, details):
+        self.events.append(("failed", status, summary, details))
 
     def exited(self, info):
         self.events.append(info)
@@ -115,8 +118,17 @@ class ProcessProtocolTests(unittest.TestCase):
         self.assertTrue(self.transport.stdin_closed)
 
     def test_control_messages_reach_the_worker(self):
-        self.from_worker(WorkerSide.report_ready, WorkerSide.heartbeat)
-        self.assertEqual(self.worker.events, ["ready", "heartbeat"])
+        stats = WorkerStats(requests=7, connections=2, by_code={200: 6, 404: 1},
+                            durations=(5, 2), duration_sum=0.125)
+        self.from_worker(WorkerSide.report_ready, WorkerSide.heartbeat,
+                         lambda side: side.heartbeat(stats))
+        self.assertEqual(self.worker.events, ["ready", "heartbeat", ("heartbeat", stats)])
+
+    def test_a_start_failure_reaches_the_worker(self):
+        self.from_worker(lambda side: side.report_failure(4, "cannot load app x:y: ImportError: x",
+                                                          "Traceback...\nImportError: x\n"))
+        self.assertEqual(self.worker.events, [
+            ("failed", 4, "cannot load app x:y: ImportError: x", "Traceback...\nImportError: x\n")])
 
     def test_stopping_is_answered_after_the_worker_leaves_the_rotation(self):
         worker_end = WorkerEnd(self.transport)

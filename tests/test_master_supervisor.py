@@ -6,7 +6,10 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from twisted.logger import formatEvent, globalLogPublisher
+
 from txcluster.master.supervisor import ExitInfo, RestartPolicy, Supervisor
+from txcluster.wire import ExitStatus
 
 
 class FakeProcess:
@@ -215,11 +218,21 @@ class SilenceTests(unittest.TestCase):
             h.clock.advance(1)
             h.current(1).heartbeat()
         self.assertEqual(h.spawned[0].signals, [])
-        self.assertEqual(h.spawned[1].signals, [signal.SIGKILL])
+        # First its stack (faulthandler answers SIGUSR2), then the kill.
+        self.assertEqual(h.spawned[1].signals, [signal.SIGUSR2, signal.SIGKILL])
         h.current(2).exited(ExitInfo(signal=signal.SIGKILL))
         h.clock.advance(0)
         self.assertEqual(len(h.spawned), 3)
         self.assertEqual(h.current(2).pid, h.spawned[2].pid)
+
+
+    def test_a_hung_worker_has_a_moment_to_write_its_stack(self):
+        h = Harness(count=1, silence_timeout=5, stack_dump_grace=1.0)
+        h.start_all_ready()
+        h.clock.pump([1] * 6)
+        self.assertEqual(h.spawned[0].signals, [signal.SIGUSR2])
+        h.clock.advance(1.0)
+        self.assertEqual(h.spawned[0].signals, [signal.SIGUSR2, signal.SIGKILL])
 
 
 class RollingRestartTests(unittest.TestCase):
@@ -402,4 +415,58 @@ class ServingTests(unittest.TestCase):
         self.assertEqual(h.serving[-1], [1])
         self.assertIs(h.supervisor.serving()[0], new)
         self.assertTrue(old.retiring)
+
+
+class StartFailureTests(unittest.TestCase):
+    """A worker that cannot load the app or boot says why over its channel."""
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def text(self):
+        return [formatEvent(e) for e in self.logged if e.get("log_namespace") == "txcluster.master"
+                or e.get("log_system", "").startswith("worker")]
+
+    def fail_to_load(self, h, worker_id, error="ImportError: no module named nope"):
+        worker = h.current(worker_id)
+        worker.failed(ExitStatus.APP_LOAD_ERROR, f"cannot load app x:y: {error}",
+                      f"Traceback (most recent call last):\n  File ...\n{error}\n")
+        worker.exited(ExitInfo(status=ExitStatus.APP_LOAD_ERROR))
+
+    def test_the_same_error_is_logged_in_full_once(self):
+        h = Harness(count=3)
+        h.supervisor.start()
+        self.fail_to_load(h, 2)
+        tracebacks = [line for line in self.text() if line.startswith("Traceback")]
+        self.assertEqual(len(tracebacks), 1)
+
+    def test_an_app_that_cannot_load_at_start_gives_up_at_once_with_one_line(self):
+        h = Harness(count=3)
+        h.supervisor.start()
+        self.fail_to_load(h, 1)
+        self.assertEqual(h.crash_loops, 1)
+        closing = [line for line in self.text() if "giving up" in line]
+        self.assertEqual(len(closing), 1)
+        self.assertIn("could not load the app", closing[0])
+        self.assertIn("ImportError: no module named nope", closing[0])
+        h.clock.advance(10)
+        self.assertEqual(len(h.spawned), 3)  # nothing respawned
+
+    def test_once_the_cluster_has_served_a_load_error_is_an_ordinary_crash(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        self.fail_to_load(h, 1)  # someone deployed broken code, then a worker died
+        self.assertEqual(h.crash_loops, 0)
+        h.clock.advance(1)
+        self.assertEqual(len(h.spawned), 3)
+
+    def test_repeated_errors_are_one_line_each(self):
+        h = Harness(count=2)
+        h.start_all_ready()
+        for worker_id in (1, 2):
+            self.fail_to_load(h, worker_id)
+        again = [line for line in self.text() if "(the same error again)" in line]
+        self.assertEqual(len(again), 1)
 

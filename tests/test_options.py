@@ -42,6 +42,12 @@ class DefaultsTests(unittest.TestCase):
         options.parseOptions([])
         self.assertEqual(options.settings.workers, len(os.sched_getaffinity(0)))
 
+    def test_far_more_workers_than_cpus_warns(self):
+        self.assertEqual(parse(["--workers", "8"], cpus=2).warnings, ())
+        [warning] = parse(["--workers", "9"], cpus=2).warnings
+        self.assertIn("9 workers (from --workers) on 2 usable CPUs", warning)
+        self.assertEqual(parse(["--workers", "9", "--single"], cpus=2).warnings, ())
+
     def test_short_options(self):
         settings = parse(["-l", "tcp:9000", "-w", "2", "-a", "pkg.mod:app"])
         self.assertEqual((settings.listen, settings.workers, settings.app),

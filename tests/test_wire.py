@@ -28,6 +28,14 @@ class EnvironmentTests(unittest.TestCase):
         environ = unpinned.to_environ({"TXCLUSTER_WORKER_CPU": "9", "TXCLUSTER_WORKER_CPUS": "9"})
         self.assertEqual(WorkerEnvironment.from_environ(environ), unpinned)
 
+    def test_what_systemd_gave_the_master_is_not_inherited(self):
+        environ = WorkerEnvironment(worker_id=1, count=1, master_pid=77,
+                                    settings=Settings()).to_environ({
+            "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "77",
+            "LISTEN_FDS": "1", "LISTEN_PID": "77", "LISTEN_FDNAMES": "http", "PATH": "/bin"})
+        self.assertEqual({k for k in environ if not k.startswith("TXCLUSTER_")},
+                         {"PATH", "PYTHONUNBUFFERED"})
+
     def test_not_started_by_a_master(self):
         self.assertRaises(KeyError, WorkerEnvironment.from_environ, {})
 

@@ -49,8 +49,10 @@ class WorkerProcessTests(unittest.TestCase):
             parent_pid=lambda: self.parent, exit_now=self.exits.append)
         self.heard = []
         self.master = MasterSide(on_ready=lambda: self.heard.append("Ready"),
-                                 on_heartbeat=lambda: self.heard.append("Heartbeat"),
-                                 on_stopping=lambda: self.heard.append("Stopping"))
+                                 on_heartbeat=lambda stats: self.heard.append("Heartbeat"),
+                                 on_stopping=lambda: self.heard.append("Stopping"),
+                                 on_failed=lambda status, summary, details: self.heard.append(
+                                     ("Failed", status, summary, details.splitlines()[-1])))
         self.to_master, self.to_worker = StringTransport(), StringTransport()
         worker.control.makeConnection(self.to_master)
         self.master.makeConnection(self.to_worker)
@@ -77,22 +79,34 @@ class WorkerProcessTests(unittest.TestCase):
         self.reactor.advance(heartbeat_interval(5.0))
         self.assertEqual(self.commands()[-1], "Heartbeat")
 
+    def test_heartbeats_carry_what_the_site_has_served(self):
+        reported = []
+        self.master._on_heartbeat = reported.append
+        self.worker.start()
+        self.worker.service.site.stats.record(200, 0.01)
+        self.reactor.advance(heartbeat_interval(5.0))
+        self.pump()
+        self.assertEqual(reported[0], None)  # the first beat came before the site
+        self.assertEqual(reported[-1].requests, 1)
+
     def test_a_failed_start_stops_the_reactor_with_its_exit_status(self):
         def broken(spec):
             raise ImportError("no module named nope")
 
         worker = self.make(load=broken)
         worker.start()
-        self.flushLoggedErrors(ImportError)
         self.assertFalse(self.reactor.running)
         self.assertEqual(worker.service.exit_status, ExitStatus.APP_LOAD_ERROR)
-        self.assertNotIn("Ready", self.commands())
+        summary = "cannot load app txcluster.demo:cluster: ImportError: no module named nope"
+        self.assertEqual(self.commands(), [
+            "Heartbeat", ("Failed", 4, summary, "ImportError: no module named nope")])
 
     def test_shutdown_leaves_the_rotation_before_it_drains(self):
         self.worker.start()
         stopped = self.worker.shutdown()
         self.assertFalse(self.port.stopped)  # not until the master has answered
-        self.assertEqual(self.commands()[-1], "Stopping")  # and now it has
+        # Once it has: drain, then one last report of what was served.
+        self.assertEqual(self.commands()[-2:], ["Stopping", "Heartbeat"])
         self.assertTrue(self.port.stopped)
         self.successResultOf(stopped)
         self.assertEqual(self.exits, [])

@@ -1,5 +1,6 @@
 """Draining: idle connections close, in-flight ones finish with Connection: close."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from txcluster.worker.access_log import AccessLog
 from txcluster.worker.locality import RECONNECT_AFTER_REQUESTS, Locality
 from txcluster.worker.site import FRESH_CONNECTION_GRACE, ClusterSite
 
@@ -23,6 +25,24 @@ class Slow(Resource):
 
     def render_GET(self, request):
         self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class Delayed(Resource):
+    """Answers "done" after 0.25 s on C{clock}."""
+
+    isLeaf = True
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+
+    def render_GET(self, request):
+        def finish():
+            request.write(b"done")
+            request.finish()
+
+        self.clock.callLater(0.25, finish)
         return NOT_DONE_YET
 
 
@@ -169,7 +189,7 @@ class AccessLogTests(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, "access.log")
-        site = ClusterSite(Fast(), Clock(), access_log=path)
+        site = ClusterSite(Fast(), Clock(), access_log=AccessLog(path))
         site.startFactory()
         channel, transport = connect(site)
         channel.dataReceived(REQUEST)
@@ -179,3 +199,40 @@ class AccessLogTests(unittest.TestCase):
             lines = f.readlines()
         self.assertEqual(len(lines), 2)
         self.assertIn('"GET / HTTP/1.1" 200', lines[0])
+
+    def test_reopen_after_logrotate_moved_the_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "access.log")
+        site = ClusterSite(Fast(), Clock(), access_log=AccessLog(path))
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        channel, transport = connect(site)
+        channel.dataReceived(REQUEST)
+        os.rename(path, path + ".1")
+        channel.dataReceived(REQUEST)  # still into the moved file
+        site.reopen_access_log()
+        channel.dataReceived(REQUEST)
+        with open(path + ".1") as old, open(path) as new:
+            self.assertEqual((len(old.readlines()), len(new.readlines())), (2, 1))
+
+    def test_json_lines(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "access.log")
+        clock = Clock()
+        clock.advance(100)
+        site = ClusterSite(Delayed(clock), clock, access_log=AccessLog(
+            path, "json", worker=3, now=lambda: 1764639904.25))
+        site.startFactory()
+        channel, transport = connect(site)
+        channel.dataReceived(b"GET /slow?x=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\n"
+                             b"Referer: http://r/\r\n\r\n")
+        clock.advance(0.25)
+        site.stopFactory()
+        with open(path) as f:
+            [entry] = [json.loads(line) for line in f]
+        self.assertEqual(entry, {
+            "time": "2025-12-02T01:45:04.250Z", "worker": 3, "client": "192.168.1.1",
+            "method": "GET", "path": "/slow?x=1", "status": 200, "bytes": 4,
+            "duration_ms": 250.0, "referer": "http://r/", "user_agent": "probe/1"})

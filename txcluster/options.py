@@ -19,17 +19,24 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 import attr
 from twisted.python import usage
 
-from .cpus import usable_cpus
-from .settings import BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS, Settings
+from .cpus import cgroup_cpu_limit, default_workers, usable_cpus
+from .settings import (
+    ACCESS_LOG_FORMATS, BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS, Settings,
+)
 
 
 class BadValue(ValueError):
     """A setting's value does not parse; the message says what was expected."""
 
 
+#: More workers than this many per usable CPU get a warning.
+WORKERS_PER_CPU_WARNING = 4
+
+
 def usable_cpu_count() -> int:
-    """How many CPUs this process may run on (respects taskset/cgroups)."""
-    return len(usable_cpus())
+    """How many CPUs this process may use: those it may run on (taskset,
+    cpusets), or its cgroup's CPU quota if lower."""
+    return default_workers(usable_cpus(), cgroup_cpu_limit())
 
 
 # --- value parsers: text -> value, or BadValue -------------------------------
@@ -109,6 +116,23 @@ def parse_redis_url(text: str) -> str:
 def parse_balance(text: str) -> str:
     if text not in BALANCE_MODES:
         raise BadValue(f"expected one of {', '.join(BALANCE_MODES)}")
+    return text
+
+
+def parse_count(text: str) -> int:
+    """A whole number, 0 or more (0: off)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise BadValue("expected a whole number (0 means off)") from None
+    if count < 0:
+        raise BadValue("expected a whole number (0 means off)")
+    return count
+
+
+def parse_access_log_format(text: str) -> str:
+    if text not in ACCESS_LOG_FORMATS:
+        raise BadValue(f"expected one of {', '.join(ACCESS_LOG_FORMATS)}")
     return text
 
 
@@ -235,6 +259,39 @@ SETTINGS: Sequence[Setting] = (
         parse=parse_path, metavar="PATH", env=(("TXCLUSTER_ACCESS_LOG", parse_path),),
     ),
     Setting(
+        "max-requests", "Replace a worker once it has served N requests (0: never).",
+        default=0, parse=parse_count, metavar="N",
+        env=(("TXCLUSTER_MAX_REQUESTS", parse_count),),
+    ),
+    Setting(
+        "max-requests-jitter", "Add a random 0..J to each worker's --max-requests, so that "
+        "workers do not recycle together.",
+        default=0, parse=parse_count, metavar="J",
+        env=(("TXCLUSTER_MAX_REQUESTS_JITTER", parse_count),),
+    ),
+    Setting(
+        "max-memory", "Replace a worker whose resident memory exceeds MIB mebibytes "
+        "(0: no limit).",
+        default=0, parse=parse_count, metavar="MIB",
+        env=(("TXCLUSTER_MAX_MEMORY", parse_count),),
+    ),
+    Setting(
+        "metrics", "Serve Prometheus metrics from the master on this endpoint "
+        "(e.g. tcp:9100:interface=127.0.0.1).",
+        parse=parse_endpoint, metavar="ENDPOINT", env=(("TXCLUSTER_METRICS", parse_endpoint),),
+    ),
+    Setting(
+        "control", "Unix socket for the txcluster command (status, scale, reload, stop); "
+        "default $RUNTIME_DIRECTORY/txcluster.sock under systemd.",
+        parse=parse_path, metavar="PATH", env=(("TXCLUSTER_CONTROL", parse_path),),
+    ),
+    Setting(
+        "access-log-format", "Access log lines: 'combined' (Apache's) or 'json' "
+        "(one object per line).",
+        default="combined", parse=parse_access_log_format, metavar="FORMAT",
+        env=(("TXCLUSTER_ACCESS_LOG_FORMAT", parse_access_log_format),),
+    ),
+    Setting(
         "config", "INI file with a [txcluster] section; keys are long option names.",
         parse=parse_path, short="c", metavar="FILE",
         env=(("TXCLUSTER_CONFIG", parse_path),), in_config_file=False,
@@ -302,8 +359,19 @@ def resolve(
         _load_env_file(env_file, environ)
     layers = _Layers(command_line, environ, {} if sources is None else sources)
     resolved = {setting.attribute: layers.value_of(setting) for setting in SETTINGS}
+    if resolved["control"] is None and environ.get("RUNTIME_DIRECTORY"):
+        # systemd's RuntimeDirectory= (several are separated by colons)
+        runtime = environ["RUNTIME_DIRECTORY"].split(":")[0]
+        resolved["control"] = os.path.join(runtime, "txcluster.sock")
+        layers.sources["control"] = "RUNTIME_DIRECTORY"
+    cpus = cpu_count()
     if resolved["workers"] is None:
-        resolved["workers"] = cpu_count()
+        resolved["workers"] = cpus
+    elif resolved["workers"] > WORKERS_PER_CPU_WARNING * cpus and not resolved["single"]:
+        layers.warnings.append(
+            f"{resolved['workers']} workers (from {layers.sources['workers']}) on {cpus} usable "
+            f"CPUs: each worker is a whole process with its own reactor, so more than one or "
+            f"two per CPU only costs memory and start-up time")
     resolved["config"] = layers.config_path
     if resolved["single"] and resolved["cpu_affinity"]:
         layers.warnings.append(f"ignoring cpu-affinity (from {layers.sources['cpu-affinity']}): "
@@ -418,7 +486,8 @@ class ClusterOptions(usage.Options):
         sources: dict = {}
         settings = resolve(given, self._environ, self._cpu_count, sources)
         self.before_endpoint_check(settings)
-        settings = self._check_listen(settings, sources["listen"])
+        for name in ("listen", "metrics"):
+            settings = self._check_endpoint(settings, name, sources[name])
         self.settings = self._check_balance(settings, sources["balance"])
 
     def before_endpoint_check(self, settings: Settings) -> None:
@@ -442,16 +511,20 @@ class ClusterOptions(usage.Options):
                            warnings=settings.warnings + (warning,))
 
     @staticmethod
-    def _check_listen(settings: Settings, source: str) -> Settings:
+    def _check_endpoint(settings: Settings, name: str, source: str) -> Settings:
+        """C{--listen} or C{--metrics}, checked by Twisted's own parser."""
+        value = getattr(settings, name)
+        if value is None:
+            return settings
         try:
-            check_endpoint(settings.listen)
+            check_endpoint(value)
         except BadValue as e:
             if source.startswith("--"):
-                raise usage.UsageError(f"--listen {settings.listen!r}: {e}") from None
+                raise usage.UsageError(f"--{name} {value!r}: {e}") from None
             if source == "config":
                 raise usage.UsageError(f"--config {settings.config}: "
-                                       f"listen = {settings.listen!r}: {e}") from None
-            warning = f"ignoring {source}={settings.listen!r}: {e}; using the default"
-            return attr.evolve(settings, listen=_BY_NAME["listen"].default,
+                                       f"{name} = {value!r}: {e}") from None
+            warning = f"ignoring {source}={value!r}: {e}; using the default"
+            return attr.evolve(settings, **{name: _BY_NAME[name].default},
                                warnings=settings.warnings + (warning,))
         return settings

@@ -25,6 +25,9 @@ BALANCE_MODES = (ROUND_ROBIN, KERNEL, REUSEPORT)
 #: that received it (and so a worker sends back a client that moved).
 STEERED_MODES = (ROUND_ROBIN, REUSEPORT)
 
+#: C{--access-log-format} values.
+ACCESS_LOG_FORMATS = ("combined", "json")
+
 #: The endpoint types reuseport can bind more sockets of.
 REUSEPORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
@@ -45,6 +48,12 @@ class Settings:
     ready_timeout: float = 30.0
     respawn_delay: float = 2.0
     access_log: Optional[str] = None
+    access_log_format: str = "combined"
+    metrics: Optional[str] = None
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_memory: int = 0  # MiB
+    control: Optional[str] = None
     config: Optional[str] = None
     env_file: Optional[str] = None
     #: what was ignored while resolving (bad environment values); the

@@ -14,7 +14,6 @@ from twisted.logger import Logger
 from .app import WorkerInfo
 from .master.service import SignalledService
 from .master.sockets import bind, describe
-from .master.systemd import notify_systemd
 from .settings import Settings
 from .worker.listen import adopt
 from .worker.service import WorkerService
@@ -42,6 +41,14 @@ class SingleProcessService(SignalledService):
         self.worker.started.addErrback(self._start_failed)
         self.worker.setServiceParent(self)
 
+    def reopen_app_logs(self) -> None:
+        if self.worker.site is not None:
+            self.worker.site.reopen_access_log()
+
+    def stop_fast(self) -> None:
+        self.worker.drain_seconds = 0
+        super().stop_fast()
+
     def stop_now(self) -> None:
         log.warn("stopping now: dropping open connections")
         if self.worker.site is not None:
@@ -50,7 +57,7 @@ class SingleProcessService(SignalledService):
     def _ready(self) -> None:
         log.info("ready")
         self.worker.start_cron()
-        notify_systemd(b"READY=1")
+        self.systemd.ready(f"ready on {describe(self.listening)}")
 
     def _start_failed(self, failure: Optional[Any]) -> None:
         self.exit_status = self.worker.exit_status

@@ -13,6 +13,7 @@ Both sides import this module and nothing of each other.
 
 from __future__ import annotations
 
+import json
 import socket
 from enum import IntEnum
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -70,6 +71,10 @@ _MASTER_PID_VARIABLE = "TXCLUSTER_MASTER_PID"
 _SETTINGS_VARIABLE = "TXCLUSTER_SETTINGS"
 _HOME_CPU_VARIABLE = "TXCLUSTER_WORKER_CPU"
 _CPUS_VARIABLE = "TXCLUSTER_WORKER_CPUS"
+_MASTER_ONLY = frozenset({
+    _HOME_CPU_VARIABLE, _CPUS_VARIABLE, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+    "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+})
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -91,8 +96,10 @@ class WorkerEnvironment:
     cpus: Tuple[int, ...] = ()
 
     def to_environ(self, inherited: Mapping[str, str]) -> Dict[str, str]:
-        """The worker's whole environment: C{inherited} plus ours."""
-        env = {k: v for k, v in inherited.items() if k not in (_HOME_CPU_VARIABLE, _CPUS_VARIABLE)}
+        """The worker's whole environment: C{inherited} plus ours, less what
+        is only the master's (systemd's notify socket, watchdog and
+        activated sockets are for the process systemd started)."""
+        env = {k: v for k, v in inherited.items() if k not in _MASTER_ONLY}
         env.update({
             WORKER_ID_VARIABLE: str(self.worker_id),
             WORKERS_VARIABLE: str(self.count),
@@ -119,6 +126,43 @@ class WorkerEnvironment:
         )
 
 
+# What a worker reports -------------------------------------------------------
+
+#: Upper bounds, in seconds, of the request duration histogram's buckets
+#: (prometheus_client's defaults); a last bucket, +Inf, takes the rest.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WorkerStats:
+    """
+    What one worker process has served since it started (every count only
+    grows while it lives), and how many connections it has open.
+
+    C{by_code} and C{durations} are kept only with C{--metrics}: the
+    requests per status code, and how many took at most each of
+    L{DURATION_BUCKETS} (not cumulative; the last entry is +Inf), whose
+    durations add up to C{duration_sum}.
+    """
+
+    requests: int = 0
+    connections: int = 0
+    by_code: Dict[int, int] = attr.ib(factory=dict)
+    durations: Tuple[int, ...] = ()
+    duration_sum: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps([self.requests, self.connections, self.by_code,
+                           self.durations, self.duration_sum], separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerStats":
+        requests, connections, by_code, durations, duration_sum = json.loads(text)
+        return cls(requests, connections, {int(code): n for code, n in by_code.items()},
+                   tuple(durations), duration_sum)
+
+
 # The control channel: AMP over a pipe pair -----------------------------------
 
 
@@ -129,9 +173,25 @@ class Ready(amp.Command):
 
 
 class Heartbeat(amp.Command):
-    """Worker -> master: the reactor is alive."""
+    """Worker -> master: the reactor is alive, and what it has served so
+    far (L{WorkerStats} as JSON; empty before the site exists)."""
 
+    arguments = [(b"stats", amp.Unicode(optional=True))]
     requiresAnswer = False
+
+
+class Failed(amp.Command):
+    """Worker -> master: I could not start, and exit with C{status} next;
+    C{summary} is one line, C{details} the traceback (at most
+    L{MAX_DETAILS} characters)."""
+
+    arguments = [(b"status", amp.Integer()), (b"summary", amp.Unicode()),
+                 (b"details", amp.Unicode())]
+    requiresAnswer = False
+
+
+#: AMP values are at most 65535 bytes; a traceback longer than this keeps its end.
+MAX_DETAILS = 16000
 
 
 class Stopping(amp.Command):

@@ -6,12 +6,17 @@ L{txcluster.wire.CONTROL_TO_WORKER}).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from twisted.internet.interfaces import IAddress, IProcessTransport, ITransport
 from zope.interface import implementer
 
-from ..wire import Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount
+from ..wire import (
+    Failed, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount, WorkerStats,
+)
+
+#: on_failed(status, summary, details)
+OnFailed = Callable[[int, str, str], None]
 
 
 @implementer(IAddress)
@@ -49,12 +54,14 @@ class ChildPipeTransport:
 class MasterSide(QuietAMP):
     """The master's end of one worker's channel."""
 
-    def __init__(self, on_ready: Callable[[], None], on_heartbeat: Callable[[], None],
-                 on_stopping: Callable[[], None]):
+    def __init__(self, on_ready: Callable[[], None],
+                 on_heartbeat: Callable[[Optional[WorkerStats]], None],
+                 on_stopping: Callable[[], None], on_failed: Optional[OnFailed] = None):
         super().__init__()
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
         self._on_stopping = on_stopping
+        self._on_failed = on_failed or (lambda status, summary, details: None)
 
     @Ready.responder
     def ready(self) -> dict:
@@ -62,8 +69,13 @@ class MasterSide(QuietAMP):
         return {}
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict:
-        self._on_heartbeat()
+    def heartbeat(self, stats: Optional[str] = None) -> dict:
+        self._on_heartbeat(None if stats is None else WorkerStats.from_json(stats))
+        return {}
+
+    @Failed.responder
+    def failed(self, status: int, summary: str, details: str) -> dict:
+        self._on_failed(status, summary, details)
         return {}
 
     @Stopping.responder

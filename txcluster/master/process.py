@@ -40,7 +40,7 @@ class WorkerProcessProtocol(ProcessProtocol):
         self.channel: Optional[WorkerChannel] = None
         self._tail = OutputTail()
         self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat,
-                                   on_stopping=worker.leaving)
+                                   on_stopping=worker.leaving, on_failed=worker.failed)
         self._output = {
             1: LineSplitter(self._stdout_line),
             2: LineSplitter(self._stderr_line),

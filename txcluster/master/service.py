@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from ..cpus import Pinning, usable_cpus
@@ -23,11 +24,39 @@ from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
 from .dispatch import ConnectionDispatcher
 from .process import WorkerSpawner
-from .sockets import Listeners, SharedSocket, bind, describe
-from .supervisor import RestartPolicy, Supervisor, Worker
-from .systemd import notify_systemd
+from .sockets import Listeners, SharedSocket, bind, describe, listen
+from .recycling import MemoryWatch
+from .supervisor import RecyclePolicy, RestartPolicy, Supervisor, Worker, WorkerDied
+from .systemd import Systemd
 
 log = Logger(namespace="txcluster.master")
+
+#: Signals the master has no use for, and that must never be fatal
+#: (SIGUSR2's default action kills; a terminal's SIGWINCH, a closed pipe's
+#: SIGPIPE).  A handler that does nothing, unlike SIG_IGN, is not inherited
+#: by the workers.
+HARMLESS_SIGNALS = (signal.SIGUSR2, signal.SIGWINCH, signal.SIGPIPE)
+
+
+def twistd_log_file(handler: Any) -> Optional[Any]:
+    """
+    The log file twistd opened for C{--logfile}, found through the SIGUSR1
+    handler it installs to rotate it (twistd keeps no other reference we
+    can reach).  C{None} when twistd logs to stdout or syslog, under
+    C{twist}, or if a future twistd changes its handler;
+    C{tests/test_operations.py} runs a real daemon, so such a change fails
+    there.
+    """
+    if not callable(handler):
+        return None
+    candidate = inspect.getclosurevars(handler).nonlocals.get("logFile")
+    return candidate if callable(getattr(candidate, "reopen", None)) else None
+
+
+def recycle_policy_from(settings: Settings) -> RecyclePolicy:
+    return RecyclePolicy(max_requests=settings.max_requests,
+                         jitter=settings.max_requests_jitter,
+                         max_memory=settings.max_memory)
 
 
 def policy_from(settings: Settings) -> RestartPolicy:
@@ -46,24 +75,34 @@ class SignalledService(MultiService):
     one at once; the others are the subclass's).
     """
 
-    def __init__(self, reactor: Any, settings: Settings) -> None:
+    def __init__(self, reactor: Any, settings: Settings,
+                 systemd: Optional[Systemd] = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.settings = settings
+        self.systemd = Systemd(reactor) if systemd is None else systemd
         self.exit_status = ExitStatus.OK
+        #: SIGQUIT: workers do not wait for the requests in flight
+        self.fast = False
         self._stop_requests = 0
         self._stopping = False
+        self._log_file: Optional[Any] = None
 
     def startService(self) -> None:
+        # First, so that a signal while workers start is handled as ours.
+        # (Under twistd the reactor runs by now, and this happens at once.)
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
+        self.systemd.start_watchdog()
         super().startService()
-        self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def signal_actions(self) -> Dict[int, Callable[[], Any]]:
         return {
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
+            signal.SIGQUIT: self.stop_fast,
+            signal.SIGUSR1: self.reopen_logs,
             # Without a handler SIGHUP would kill, SIGTTIN/TTOU suspend us.
             signal.SIGHUP: self.not_supported("SIGHUP (rolling restart)"),
             signal.SIGTTIN: self.not_supported("SIGTTIN (one worker more)"),
@@ -78,8 +117,27 @@ class SignalledService(MultiService):
         """Replace the reactor's SIGTERM/SIGINT handlers (after which twistd
         would kill itself with the signal: a graceful stop must exit 0) and
         add ours.  Each handler only schedules its action in the reactor."""
+        self._log_file = twistd_log_file(signal.getsignal(signal.SIGUSR1))
         for signum, action in self.signal_actions().items():
             signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
+        for signum in HARMLESS_SIGNALS:
+            signal.signal(signum, lambda n, frame: None)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen every log file, ours and the app's."""
+        if self._log_file is not None:
+            self._log_file.reopen()
+        log.info("SIGUSR1: reopened the log files")
+        self.reopen_app_logs()
+
+    def reopen_app_logs(self) -> None:
+        """The access log, which the workers (or the single process) write."""
+
+    def stop_fast(self) -> None:
+        """SIGQUIT: stop without waiting for the requests in flight; exit 0."""
+        log.info("SIGQUIT: fast shutdown")
+        self.fast = True
+        self.stop_reactor()
 
     def request_stop(self) -> None:
         """SIGTERM or SIGINT: stop gracefully; a second one stops at once."""
@@ -110,8 +168,9 @@ class MasterService(SignalledService):
 
     def __init__(self, reactor: Any, settings: Settings, listeners: Listeners,
                  spawner: WorkerSpawner,
-                 dispatcher: Optional[ConnectionDispatcher] = None) -> None:
-        super().__init__(reactor, settings)
+                 dispatcher: Optional[ConnectionDispatcher] = None,
+                 systemd: Optional[Systemd] = None) -> None:
+        super().__init__(reactor, settings, systemd)
         self.listeners = listeners
         self.dispatcher = dispatcher
         self.supervisor = Supervisor(
@@ -119,14 +178,19 @@ class MasterService(SignalledService):
             on_crash_loop=self._crash_loop,
             on_all_ready=self._all_ready,
             on_serving=self._serving,
+            recycling=recycle_policy_from(settings),
         )
+        self.memory = MemoryWatch(self.supervisor, reactor)
+        self.started_at = reactor.seconds()
 
     def startService(self) -> None:
         super().startService()
+        self.started_at = self.reactor.seconds()
         log.info("txcluster master (pid {pid}) listening on {address} with {n} workers",
                  pid=os.getpid(), address=describe(self.listeners.listening),
                  n=self.settings.workers)
         self.supervisor.start()
+        self.memory.start()
 
     def _serving(self, workers: List[Worker]) -> None:
         """Round-robin: deal new connections to these workers only."""
@@ -135,21 +199,26 @@ class MasterService(SignalledService):
                                    if w.process is not None and w.process.channel is not None])
 
     def stopService(self) -> Deferred:
-        super().stopService()
+        super().stopService()  # the control socket and the metrics port close
+        self.memory.stop()
         if not self.supervisor.slots:
             return succeed(None)  # never started
         log.info("shutting down {n} workers (timeout {s}s)",
                  n=len(self.supervisor.processes), s=self.settings.shutdown_timeout)
-        notify_systemd(b"STOPPING=1")
+        self.systemd.stopping()
         if self.dispatcher is not None:
             self.dispatcher.close()
-        return self.supervisor.stop().addCallback(
+        return self.supervisor.stop(fast=self.fast).addCallback(
             lambda _: log.info("all workers stopped; master exiting"))
 
     def _all_ready(self) -> None:
         """systemd hears READY=1 only now, not when the master starts."""
-        notify_systemd(f"READY=1\nSTATUS={self.supervisor.count} workers ready on "
-                       f"{describe(self.listeners.listening)}".encode())
+        self.systemd.ready(self._status())
+
+    def _status(self) -> str:
+        """For C{systemctl status}."""
+        return (f"{len(self.supervisor.serving())} workers ready "
+                f"on {describe(self.listeners.listening)}")
 
     def _crash_loop(self) -> None:
         self.exit_status = ExitStatus.CRASH_LOOP
@@ -162,23 +231,77 @@ class MasterService(SignalledService):
             **super().signal_actions(),
             signal.SIGHUP: self.reload,
             signal.SIGTTIN: self.add_worker,
-            signal.SIGTTOU: self.remove_worker,
+            signal.SIGTTOU: self.remove_worker_on_signal,
         }
 
     def stop_now(self) -> None:
         log.warn("stopping now: killing all workers")
         self.supervisor.kill_all()
 
+    def reopen_app_logs(self) -> None:
+        # Only workers that are serving have their SIGUSR1 handler for sure
+        # (its default action kills); one still starting opens the new file.
+        for worker in self.supervisor.processes:
+            if worker.is_ready:
+                worker.signal(signal.SIGUSR1)
+
     def reload(self) -> Deferred:
+        """SIGHUP: a rolling restart; systemd (Type=notify-reload) hears
+        RELOADING=1 now and READY=1 once it is over, done or not."""
         log.info("SIGHUP: rolling restart")
-        return ensureDeferred(self.supervisor.rolling_restart())
+        self.systemd.reloading()
+        restart = ensureDeferred(self.supervisor.rolling_restart())
+
+        def over(result: Any) -> Any:
+            self.systemd.ready(self._status())
+            return result
+
+        return restart.addBoth(over).addCallback(
+            lambda done: None if done else self.supervisor.replace_error or "not done")
+
+    def status(self) -> Dict[str, Any]:
+        """The master and each of its worker processes (C{txcluster status})."""
+        now = self.reactor.seconds()
+        workers = [{
+            "id": w.id, "pid": w.pid,
+            "state": "draining" if w.retiring else "ready" if w.is_ready else "starting",
+            "uptime": round(now - w.started_at, 1), "requests": w.stats.requests, "rss": w.rss,
+        } for w in sorted(self.supervisor.processes, key=lambda w: (w.id, w.started_at))]
+        return {"pid": os.getpid(), "uptime": round(now - self.started_at, 1),
+                "listen": describe(self.listeners.listening),
+                "balance": self.settings.balance, "workers": workers}
+
+    async def scale_to(self, count: int) -> None:
+        """C{txcluster scale N}: returns once N workers are ready.
+
+        @raise ControlError: the master is stopping, or a worker died first.
+        """
+        from ..control import ControlError
+
+        if count != self.supervisor.count:
+            log.info("scaling from {old} to {new} workers", old=self.supervisor.count, new=count)
+        while self.supervisor.count < count:
+            if self.supervisor.scale_up() is None:
+                raise ControlError("the master is stopping")
+        while self.supervisor.count > count:
+            self.remove_worker()
+        for worker_id, worker in sorted(self.supervisor.slots.items()):
+            if worker is None:
+                raise ControlError(f"worker {worker_id} died and is being respawned")
+            try:
+                await worker.when_ready()
+            except WorkerDied as e:
+                raise ControlError(str(e)) from None
 
     def add_worker(self) -> None:
         log.info("SIGTTIN: one worker more")
         self.supervisor.scale_up()
 
-    def remove_worker(self) -> None:
+    def remove_worker_on_signal(self) -> None:
         log.info("SIGTTOU: one worker fewer")
+        self.remove_worker()
+
+    def remove_worker(self) -> None:
         removed = self.supervisor.scale_down()
         if removed is not None:
             self.listeners.release(removed)
@@ -200,11 +323,29 @@ def bind_listeners(reactor: Any, settings: Settings,
     return SharedSocket(bind(reactor, settings.listen))
 
 
+class ListeningService(Service):
+    """A port opened at once (so that an address in use is a startup
+    error), and closed when the master stops: C{--metrics}, C{--control}."""
+
+    def __init__(self, port: Any, what: str) -> None:
+        self.port = port
+        self.what = what
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("{what} on {address}", what=self.what, address=describe(self.port))
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return maybeDeferred(self.port.stopListening)
+
+
 def build_master(reactor: Any, settings: Settings,
                  environ: Mapping[str, str] = os.environ) -> MasterService:
     """The master's parts, each built once, in dependency order.
 
-    @raise txcluster.master.sockets.StartupError: C{--listen} cannot be bound.
+    @raise txcluster.master.sockets.StartupError: C{--listen}, C{--metrics}
+        or C{--control} cannot be bound.
     """
     pinning = Pinning(usable_cpus()) if settings.cpu_affinity else None
     listeners = bind_listeners(reactor, settings, pinning)
@@ -212,4 +353,16 @@ def build_master(reactor: Any, settings: Settings,
     dispatcher = None
     if settings.balance == ROUND_ROBIN:
         dispatcher = ConnectionDispatcher(reactor, listeners.listening.fileno())
-    return MasterService(reactor, settings, listeners, spawner, dispatcher)
+    master = MasterService(reactor, settings, listeners, spawner, dispatcher)
+    if settings.metrics:
+        from .metrics import ClusterMetrics, metrics_site
+
+        site = metrics_site(ClusterMetrics(master.supervisor))
+        port = listen(reactor, settings.metrics, site, option="--metrics")
+        ListeningService(port, "metrics").setServiceParent(master)
+    if settings.control:
+        from .control import ControlFactory, listen_control
+
+        port = listen_control(reactor, settings.control, ControlFactory(master))
+        ListeningService(port, "control socket").setServiceParent(master)
+    return master

@@ -82,7 +82,18 @@ def describe(port: IListeningPort) -> str:
 
 def bind(reactor: Any, description: str) -> IListeningPort:
     """
-    Bind C{description} without accepting on it.
+    Bind C{description} (C{--listen}) without accepting on it.
+
+    @raise StartupError: the address is in use, not permitted, or invalid.
+    """
+    port = listen(reactor, description, NeverAccepts(), option="--listen")
+    port.stopReading()
+    return port
+
+
+def listen(reactor: Any, description: str, factory: Any, option: str) -> IListeningPort:
+    """
+    Listen on C{description}, given as C{option}, now.
 
     @raise StartupError: the address is in use, not permitted, or invalid.
     """
@@ -90,9 +101,9 @@ def bind(reactor: Any, description: str) -> IListeningPort:
 
     endpoint = serverFromString(reactor, description)
     outcome: List[Any] = []
-    endpoint.listen(NeverAccepts()).addBoth(outcome.append)
+    endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - every supported endpoint is synchronous
-        raise StartupError(f"endpoint is asynchronous (--listen {description})")
+        raise StartupError(f"endpoint is asynchronous ({option} {description})")
     result = outcome[0]
     if not IListeningPort.providedBy(result):
         error = result.value
@@ -100,6 +111,5 @@ def bind(reactor: Any, description: str) -> IListeningPort:
         if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
             reason = error.socketError.strerror or error.socketError
         # The reason first: a daemonizing twistd shows only 100 bytes.
-        raise StartupError(f"{reason} (--listen {description})")
-    result.stopReading()
+        raise StartupError(f"{reason} ({option} {description})")
     return result

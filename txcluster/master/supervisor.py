@@ -10,21 +10,29 @@ and fake processes.  L{txcluster.master.process} supplies the real processes.
 
 from __future__ import annotations
 
+import random
 import signal
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol
+from collections import Counter
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import attr
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    Deferred, DeferredList, DeferredLock, ensureDeferred, fail, succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ..wire import ExitStatus, heartbeat_interval
+from ..wire import ExitStatus, WorkerStats, heartbeat_interval
+from .served import Served
 
 if TYPE_CHECKING:
     from .dispatch import WorkerChannel
 
 log = Logger(namespace="txcluster.master")
+
+#: Why a worker process was replaced (C{txcluster_worker_restarts_total}).
+RESTART_REASONS = ("crash", "timeout", "recycle", "reload", "scale")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -44,11 +52,49 @@ class RestartPolicy:
     shutdown_timeout: float = 30.0
     #: ... and the worker this much more for its shutdown hooks, then SIGKILL
     kill_grace: float = 2.0
+    #: a hung worker is asked for its stack, and killed this much later
+    stack_dump_grace: float = 1.0
 
     def respawn_delay(self, fast_crashes: int) -> float:
         if fast_crashes == 0:
             return 0.0
         return min(self.max_delay, self.min_delay * 2 ** (fast_crashes - 1))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RecyclePolicy:
+    """When a worker is replaced although nothing is wrong with it
+    (C{--max-requests}, C{--max-requests-jitter}, C{--max-memory}), the
+    way a rolling restart replaces it: gunicorn's C{max_requests}, PM2's
+    C{max_memory_restart}."""
+
+    #: requests after which a worker is replaced (0: never) ...
+    max_requests: int = 0
+    #: ... plus a random 0..jitter of its own, so that workers do not all go at once
+    jitter: int = 0
+    #: resident memory, in MiB, above which a worker is replaced (0: no limit)
+    max_memory: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_requests or self.max_memory)
+
+    def request_limit(self, randint: Callable[[int, int], int]) -> Optional[int]:
+        """A new worker's own limit."""
+        if not self.max_requests:
+            return None
+        return self.max_requests + (randint(0, self.jitter) if self.jitter else 0)
+
+    def why(self, worker: Worker, limit: Optional[int]) -> Optional[str]:
+        """Why C{worker} should be replaced now, or C{None}."""
+        if limit is not None and worker.stats.requests >= limit:
+            return f"{worker.stats.requests} requests"
+        if self.max_memory and worker.rss > self.max_memory * MIB:
+            return f"RSS {worker.rss // MIB} MiB > {self.max_memory} MiB"
+        return None
+
+
+MIB = 1024 * 1024
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -106,6 +152,14 @@ class Worker:
         self.runs_cron = False
         self.exit: Optional[ExitInfo] = None
         self.process: Optional[ProcessHandle] = None
+        #: what it last reported having served
+        self.stats = WorkerStats()
+        #: resident memory in bytes, as the master last read it (0: not yet)
+        self.rss = 0
+        #: killed because it stopped sending heartbeats
+        self.timed_out = False
+        #: --max-requests with this worker's jitter (set when first needed)
+        self.request_limit: Optional[int] = None
         self._supervisor = supervisor
         self._ready_waiters: List[Deferred] = []
         self._exit_waiters: List[Deferred] = []
@@ -132,8 +186,15 @@ class Worker:
             waiter.callback(self)
         self._supervisor.worker_ready(self)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, stats: Optional[WorkerStats] = None) -> None:
         self.last_heard = self._supervisor.clock.seconds()
+        if stats is not None:
+            self.stats = stats
+            self._supervisor.worker_reported(self)
+
+    def failed(self, status: int, summary: str, details: str) -> None:
+        """The worker could not start (it exits with C{status} next)."""
+        self._supervisor.worker_failed(self, status, summary, details)
 
     def leaving(self) -> None:
         """The worker is shutting down (told to, or on its own)."""
@@ -201,6 +262,8 @@ class Supervisor:
         on_crash_loop: Callable[[], None] = lambda: None,
         on_all_ready: Callable[[], None] = lambda: None,
         on_serving: Callable[[List[Worker]], None] = lambda workers: None,
+        recycling: RecyclePolicy = RecyclePolicy(),
+        randint: Callable[[int, int], int] = random.randint,
     ) -> None:
         self.clock = clock
         self.policy = policy
@@ -215,8 +278,21 @@ class Supervisor:
         self._on_crash_loop = on_crash_loop
         self._on_all_ready = on_all_ready
         self._on_serving = on_serving
+        self.recycling = recycling
+        self._randint = randint
+        #: what the workers have served while this supervisor lives
+        self.served = Served()
         self._respawns: Dict[int, IDelayedCall] = {}
         self._last_fast_crash = float("-inf")
+        #: the last start failure a worker reported: (summary, details)
+        self._last_failure: Optional[Tuple[str, str]] = None
+        #: processes replaced, by reason (see RESTART_REASONS)
+        self.restarts: Counter = Counter()
+        #: one replacement (rolling restart or recycling) at a time
+        self._replacements = DeferredLock()
+        #: why the last replacement failed (its successor died, or was too slow)
+        self.replace_error: Optional[str] = None
+        self._recycling: Set[Worker] = set()
         self._watchdog = LoopingCall(self._check_silence)
         self._watchdog.clock = clock
 
@@ -225,10 +301,25 @@ class Supervisor:
         """How many workers there should be."""
         return self._count
 
+    #: Workers spawned per reactor turn at start: between two batches the
+    #: master handles signals (a SIGTERM while hundreds of workers start).
+    START_BATCH = 8
+
     def start(self) -> None:
-        for worker_id in range(1, self._count + 1):
-            self.slots[worker_id] = self._start_process(worker_id)
+        self.slots = {worker_id: None for worker_id in range(1, self._count + 1)}
         self._watchdog.start(heartbeat_interval(self.policy.silence_timeout), now=False)
+        self._start_batch(1)
+
+    def _start_batch(self, first: int) -> None:
+        last = min(first + self.START_BATCH - 1, max(self.slots, default=0))
+        for worker_id in range(first, last + 1):
+            if self.stopping:
+                return
+            if worker_id in self.slots and self.slots[worker_id] is None \
+                    and worker_id not in self._respawns:
+                self.slots[worker_id] = self._start_process(worker_id)
+        if last < max(self.slots, default=0):
+            self.clock.callLater(0, self._start_batch, last + 1)
 
     # Process lifecycle --------------------------------------------------------
 
@@ -268,6 +359,23 @@ class Supervisor:
         return [w for w in self.slots.values()
                 if w is not None and w.is_ready and w.alive and not w.retiring]
 
+    def worker_reported(self, worker: Worker) -> None:
+        self.served.add(worker, worker.id, worker.stats)
+        self._check_recycling(worker)
+
+    def memory_read(self, worker: Worker, rss: int) -> None:
+        worker.rss = rss
+        self._check_recycling(worker)
+
+    def _check_recycling(self, worker: Worker) -> None:
+        if not self.recycling.active or not worker.is_ready:
+            return
+        if worker.request_limit is None and self.recycling.max_requests:
+            worker.request_limit = self.recycling.request_limit(self._randint)
+        why = self.recycling.why(worker, worker.request_limit)
+        if why is not None:
+            self.recycle(worker, why)
+
     def retire_from_serving(self, worker: Worker) -> None:
         """C{worker} gets no new connections from now on."""
         if not worker.retiring:
@@ -280,8 +388,30 @@ class Supervisor:
     def _all_ready(self) -> bool:
         return all(w is not None and w.is_ready for w in self.slots.values())
 
+    def worker_failed(self, worker: Worker, status: int, summary: str, details: str) -> None:
+        """Log why a worker could not start: in full once, then in one line
+        for every worker that fails the same way (they all import the same
+        app), so a broken app does not fill the log N times over."""
+        what = ExitStatus.meaning(status) or "failed"
+        if self._last_failure is not None and self._last_failure[1] == details:
+            log.error("{worker!r} {what}: {summary} (the same error again)",
+                      worker=worker, what=what, summary=summary)
+        else:
+            log.error("{worker!r} {what}: {summary}", worker=worker, what=what, summary=summary)
+            for line in details.rstrip("\n").splitlines():
+                log.error("{line}", line=line, log_system=f"worker {worker.id}")
+        self._last_failure = (summary, details)
+
+    def _hopeless(self, worker: Worker) -> bool:
+        """Did C{worker} fail to boot or to load the app before any worker
+        was ever ready?  Then the next would too: gunicorn gives up at
+        once, and so do we."""
+        return (not self.announced_ready and worker.exit is not None
+                and worker.exit.status in (ExitStatus.BOOT_ERROR, ExitStatus.APP_LOAD_ERROR))
+
     def worker_exited(self, worker: Worker) -> None:
         self.processes.remove(worker)
+        self.served.forget(worker)
         self._serving_changed()
         uptime = self.clock.seconds() - worker.started_at
         log.info("worker {id} (pid {pid}) {exit} after {uptime:.1f}s",
@@ -295,10 +425,11 @@ class Supervisor:
             self._last_fast_crash = self.clock.seconds()
         else:
             self.fast_crashes = 0
-        if self.fast_crashes >= max(1, self.count):
+        if self.fast_crashes >= max(1, self.count) or self._hopeless(worker):
             self._crash_loop(worker)
             return
         delay = self.policy.respawn_delay(self.fast_crashes)
+        self.restarts["timeout" if worker.timed_out else "crash"] += 1
         log.info("respawning worker {id} in {delay:.1f}s", id=worker.id, delay=delay)
         self._respawns[worker.id] = self.clock.callLater(delay, self._respawn, worker.id)
 
@@ -308,14 +439,26 @@ class Supervisor:
             self.slots[worker_id] = self._start_process(worker_id)
 
     def _crash_loop(self, last: Worker) -> None:
+        """Give up, with one closing line that names the last error (the
+        error itself was logged as it happened)."""
         self.stopping = True  # respawn nothing more; the master stops the rest
-        log.critical(
-            "crash loop: {n} workers in a row died within {s:.0f}s of starting; "
-            "giving up", n=self.fast_crashes, s=self.policy.fast_crash_seconds)
-        tail = last.process.output_tail() if last.process is not None else []
-        for line in tail:
-            log.error("{worker!r} last output: {line}", worker=last, line=line)
+        if self._hopeless(last):
+            log.critical("crash loop: {worker!r} {what} before any worker was ready; "
+                         "giving up: {error}", worker=last, error=self._last_error(last),
+                         what=ExitStatus.meaning(last.exit.status))  # type: ignore[union-attr]
+        else:
+            log.critical("crash loop: {n} workers in a row died within {s:.0f}s of starting; "
+                         "giving up; the last error: {error}", n=self.fast_crashes,
+                         s=self.policy.fast_crash_seconds, error=self._last_error(last))
         self._on_crash_loop()
+
+    def _last_error(self, last: Worker) -> str:
+        """What the worker reported, else the last line it printed, else how it ended."""
+        if self._last_failure is not None:
+            return self._last_failure[0]
+        tail = last.process.output_tail() if last.process is not None else []
+        printed = [line.strip() for line in tail if line.strip()]
+        return printed[-1] if printed else str(last.exit)
 
     def _assign_cron(self) -> None:
         """Worker 1 runs cron once it is ready and no older worker 1 lives."""
@@ -333,15 +476,22 @@ class Supervisor:
         for worker in list(self.processes):
             silent = now - worker.last_heard
             if worker.alive and silent > self.policy.silence_timeout:
-                log.warn("{worker!r} silent for {silent:.1f}s (timeout {timeout}s); killing it",
+                log.warn("{worker!r} silent for {silent:.1f}s (timeout {timeout}s); "
+                         "its stack follows, then it is killed",
                          worker=worker, silent=silent, timeout=self.policy.silence_timeout)
                 worker.last_heard = now  # one kill per timeout
-                worker.signal(signal.SIGKILL)
+                worker.timed_out = True
+                # faulthandler in the worker writes every thread's stack to
+                # its stderr, which the master logs under its id.
+                worker.signal(signal.SIGUSR2)
+                self.clock.callLater(self.policy.stack_dump_grace, worker.signal, signal.SIGKILL)
 
     # Stopping -----------------------------------------------------------------
 
-    def stop(self) -> Deferred:
-        """Stop every worker gracefully; kill what is left after the timeout."""
+    def stop(self, fast: bool = False) -> Deferred:
+        """Stop every worker gracefully (SIGTERM: they drain) and kill what
+        is left after the timeout; C{fast}: tell them not to wait for the
+        requests in flight (SIGQUIT), and kill what is left sooner."""
         self.stopping = True
         self._serving_changed()
         if self._watchdog.running:
@@ -349,6 +499,10 @@ class Supervisor:
         for call in self._respawns.values():
             call.cancel()
         self._respawns.clear()
+        if fast:
+            return DeferredList([
+                self._retire(worker, signal.SIGQUIT, self.policy.kill_grace)
+                for worker in list(self.processes)])
         return DeferredList([self._retire(worker) for worker in list(self.processes)])
 
     def kill_all(self) -> None:
@@ -358,14 +512,17 @@ class Supervisor:
         for worker in list(self.processes):
             worker.signal(signal.SIGKILL)
 
-    def _retire(self, worker: Worker) -> Deferred:
-        """SIGTERM, then SIGKILL if it outlives the shutdown timeout."""
+    def _retire(self, worker: Worker, signum: int = signal.SIGTERM,
+                deadline: Optional[float] = None) -> Deferred:
+        """C{signum}, then SIGKILL if it outlives C{deadline} (by default,
+        the shutdown timeout and the grace for its shutdown hooks)."""
         self.retire_from_serving(worker)
         exited = worker.when_exited()
         if not worker.alive:
             return exited
-        worker.signal(signal.SIGTERM)
-        deadline = self.policy.shutdown_timeout + self.policy.kill_grace
+        worker.signal(signum)
+        if deadline is None:
+            deadline = self.policy.shutdown_timeout + self.policy.kill_grace
 
         def kill() -> None:
             log.warn("{worker!r} still running {deadline:.0f}s after SIGTERM; killing it",
@@ -382,20 +539,42 @@ class Supervisor:
         """Replace each worker in turn, new one ready before the old one
         stops; stop at the first that fails.  True if all were replaced."""
         if self.reloading or self.stopping:
-            log.info("rolling restart already in progress; ignored")
+            self.replace_error = ("the master is stopping" if self.stopping
+                                  else "a rolling restart is already in progress")
+            log.info("{why}; rolling restart ignored", why=self.replace_error)
             return False
         self.reloading = True
         log.info("rolling restart of {count} workers", count=self.count)
         try:
             for worker_id in sorted(self.slots):
-                if not await self._replace(worker_id):
+                if not await self._replace_in_turn(worker_id, "reload"):
                     return False
             log.info("rolling restart done")
             return True
         finally:
             self.reloading = False
 
-    async def _replace(self, worker_id: int) -> bool:
+    def recycle(self, worker: Worker, why: str) -> None:
+        """Replace C{worker} the way a rolling restart would (its successor
+        is ready before it stops), because of C{why}."""
+        if (worker in self._recycling or self.stopping or worker.retiring
+                or self.slots.get(worker.id) is not worker):
+            return
+        self._recycling.add(worker)
+        log.info("{worker!r} recycled: {why}", worker=worker, why=why)
+
+        def replace() -> Deferred:
+            if self.slots.get(worker.id) is not worker:  # replaced meanwhile
+                return succeed(True)
+            return ensureDeferred(self._replace(worker.id, "recycle"))
+
+        done = self._replacements.run(replace)
+        done.addBoth(lambda result: self._recycling.discard(worker))
+
+    def _replace_in_turn(self, worker_id: int, reason: str) -> Deferred:
+        return self._replacements.run(lambda: ensureDeferred(self._replace(worker_id, reason)))
+
+    async def _replace(self, worker_id: int, reason: str) -> bool:
         old = self.slots.get(worker_id)
         if old is None or self.stopping:
             return not self.stopping
@@ -412,10 +591,10 @@ class Supervisor:
         try:
             await new.when_ready()
         except WorkerDied as e:
-            log.error("rolling restart stopped: {reason}; keeping {old!r}",
-                      reason=e, old=old)
-            for line in new.process.output_tail() if new.process else []:
-                log.error("{worker!r} last output: {line}", worker=new, line=line)
+            what = "rolling restart stopped" if reason == "reload" else f"{reason} failed"
+            self.replace_error = f"{e}; the last error: {self._last_error(new)}"
+            log.error("{what}: {why}; keeping {old!r}", what=what, why=self.replace_error,
+                      old=old)
             return False
         finally:
             if timeout.active():
@@ -425,6 +604,7 @@ class Supervisor:
             await self._retire(new)
             return not self.stopping
         self.slots[worker_id] = new
+        self.restarts[reason] += 1
         await self._retire(old)
         self._assign_cron()
         return True
@@ -435,6 +615,7 @@ class Supervisor:
             return None
         worker_id = next(i for i in range(1, self.count + 2) if i not in self.slots)
         log.info("adding worker {id}", id=worker_id)
+        self.restarts["scale"] += 1
         self._count += 1
         self._tell_count()
         self.slots[worker_id] = self._start_process(worker_id)
@@ -452,6 +633,7 @@ class Supervisor:
         if pending is not None:
             pending.cancel()
         log.info("removing worker {id}", id=worker_id)
+        self.restarts["scale"] += 1
         if worker is not None:
             self._retire(worker)
         self._tell_count()

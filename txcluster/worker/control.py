@@ -6,11 +6,14 @@ EOF on the channel tells the worker that its master is gone.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 
-from ..wire import Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount
+from ..wire import (
+    MAX_DETAILS, Failed, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
+    WorkerStats,
+)
 
 
 class WorkerSide(QuietAMP):
@@ -36,8 +39,17 @@ class WorkerSide(QuietAMP):
     def report_ready(self) -> None:
         self.callRemote(Ready)
 
-    def heartbeat(self) -> None:
-        self.callRemote(Heartbeat)
+    def heartbeat(self, stats: Optional[WorkerStats] = None) -> None:
+        if stats is None:
+            self.callRemote(Heartbeat)
+        else:
+            self.callRemote(Heartbeat, stats=stats.to_json())
+
+    def report_failure(self, status: int, summary: str, details: str) -> None:
+        """Why this worker could not start; the master logs it (once, when
+        every worker fails the same way)."""
+        self.callRemote(Failed, status=int(status), summary=summary[:1000],
+                        details=details[-MAX_DETAILS:])
 
     def report_stopping(self, clock: Any, timeout: float = 1.0) -> Deferred:
         """Tell the master we are stopping; fires once it has answered

@@ -10,9 +10,11 @@ so a unit test drives it on a L{MemoryReactorClock}; L{main} runs it for real.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
+import traceback
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -59,7 +61,9 @@ class WorkerProcess:
     ) -> None:
         self.reactor = reactor
         self.environment = environment
+        #: the reactor is shutting down (our before-shutdown trigger ran)
         self.stopping = False
+        self._stop_asked = False
         self._parent_pid = parent_pid
         self._exit_now = exit_now
         settings = environment.settings
@@ -73,9 +77,15 @@ class WorkerProcess:
             on_ready=self.control.report_ready,
             load=load,
             locality=locality,
+            on_failed=lambda status, summary, failure: self.control.report_failure(
+                status, summary, traceback_text(failure)),
         )
-        self.heartbeat = LoopingCall(self.control.heartbeat)
+        self.heartbeat = LoopingCall(self.beat)
         self.heartbeat.clock = reactor
+
+    def beat(self) -> None:
+        """Tell the master we are alive, and what we have served."""
+        self.control.heartbeat(self.service.stats())
 
     def start(self) -> None:
         """Once the reactor runs: beat, and serve."""
@@ -91,7 +101,44 @@ class WorkerProcess:
         if self._parent_pid() != self.environment.master_pid:  # PR_SET_PDEATHSIG's SIGTERM
             self.master_lost()
         left = self.control.report_stopping(self.reactor)
-        return left.addCallback(lambda _: self.service.stopService())
+        drained = left.addCallback(lambda _: self.service.stopService())
+        # The last counts, so that the master's totals miss no request.
+        return drained.addCallback(lambda _: self.beat())
+
+    def install_signal_handlers(self) -> None:
+        """
+        Once the reactor runs (it installs its own handlers as it starts):
+
+        - SIGINT is ignored: Ctrl-C in a terminal reaches the whole process
+          group, and the master decides what happens to workers;
+        - SIGTERM stops once, however many arrive (the master's, and the
+          one systemd or a shell sends to the whole group);
+        - SIGQUIT stops without waiting for the requests in flight;
+        - SIGUSR1 reopens the access log (logrotate);
+        - SIGUSR2 writes every thread's stack to stderr, at once, even if
+          the reactor is stuck: the master asks before it kills a hung worker.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum, action in ((signal.SIGTERM, self.stop),
+                               (signal.SIGQUIT, self.stop_fast),
+                               (signal.SIGUSR1, self.reopen_logs)):
+            signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+
+    def stop(self) -> None:
+        """Stop the reactor once, whoever asks (a signal, the master's
+        departure, a failed start), however often."""
+        if self.reactor.running and not self._stop_asked:
+            self._stop_asked = True
+            self.reactor.stop()
+
+    def stop_fast(self) -> None:
+        self.service.drain_seconds = 0
+        self.stop()
+
+    def reopen_logs(self) -> None:
+        if self.service.site is not None:
+            self.service.site.reopen_access_log()
 
     def master_lost(self) -> None:
         """No orphan keeps serving: drain briefly, and exit in any case
@@ -103,7 +150,7 @@ class WorkerProcess:
         if not self.stopping:
             log.warn("master (pid {pid}) is gone; shutting down",
                      pid=self.environment.master_pid)
-            self.reactor.stop()
+            self.stop()
 
     def _start_cron(self) -> None:
         self.service.start_cron()
@@ -112,9 +159,8 @@ class WorkerProcess:
         self.service.set_count(count)
 
     def _start_failed(self, failure: Any) -> None:
-        # WorkerService logged why; its exit_status says which failure it was.
-        if self.reactor.running:
-            self.reactor.stop()
+        # The master has been told why; exit_status says which failure it was.
+        self.stop()
 
     def run(self) -> int:
         """Connect the control channel, run the reactor; the exit status."""
@@ -122,18 +168,17 @@ class WorkerProcess:
 
         StandardIO(self.control, stdin=CONTROL_TO_WORKER, stdout=CONTROL_FROM_WORKER,
                    reactor=self.reactor)
-        self.reactor.callWhenRunning(_ignore_interrupts)
+        self.reactor.callWhenRunning(self.install_signal_handlers)
         self.reactor.callWhenRunning(self.start)
         self.reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
         self.reactor.run()
         return int(self.service.exit_status)
 
 
-def _ignore_interrupts() -> None:
-    """Ctrl-C in a terminal reaches the whole process group; the master
-    decides what happens to workers, so they ignore SIGINT (once the
-    reactor runs: it installs its own handler as it starts)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def traceback_text(failure: Any) -> str:
+    """A failure's traceback as Python prints it."""
+    error = failure.value
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
 def _die_with_parent() -> None:

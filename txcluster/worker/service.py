@@ -17,18 +17,30 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..app import Cluster, WorkerInfo, call_job, load_app
 from ..cron import CronService, RunGuard, run_unguarded
 from ..settings import Settings
-from ..wire import WORKERS_VARIABLE, ExitStatus
+from ..wire import WORKERS_VARIABLE, ExitStatus, WorkerStats
+from .access_log import AccessLog
 from .locality import Locality
 from .site import ClusterSite
+from .stats import RequestStats
 
 log = Logger(namespace="txcluster.worker")
 
 #: How the worker gets its listening port: given the site, return the port.
 Listen = Callable[[IProtocolFactory], IListeningPort]
+
+#: on_failed(status, summary, failure): the app could not be loaded or
+#: the worker could not boot; it exits with C{status} next.
+OnFailed = Callable[[ExitStatus, str, Failure], None]
+
+
+def log_failure(status: ExitStatus, summary: str, failure: Failure) -> None:
+    """By default a start failure is logged here, traceback and all."""
+    log.failure("{summary}", failure, summary=summary)
 
 
 class WorkerService(Service):
@@ -43,6 +55,7 @@ class WorkerService(Service):
         on_ready: Callable[[], None] = lambda: None,
         load: Callable[[str], Cluster] = load_app,
         locality: Optional[Locality] = None,
+        on_failed: OnFailed = log_failure,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -50,6 +63,7 @@ class WorkerService(Service):
         self.locality = locality
         self._listen = listen
         self._on_ready = on_ready
+        self._on_failed = on_failed
         self._load = load
         self.cluster: Optional[Cluster] = None
         self.site: Optional[ClusterSite] = None
@@ -70,18 +84,22 @@ class WorkerService(Service):
         try:
             self.cluster = self._load(self.settings.app)
         except BaseException:
-            self.exit_status = ExitStatus.APP_LOAD_ERROR
-            log.failure("cannot load app {app}", app=self.settings.app)
+            self._failed(ExitStatus.APP_LOAD_ERROR, f"cannot load app {self.settings.app}")
             raise
         try:
             await self._boot(self.cluster)
         except BaseException:
-            self.exit_status = ExitStatus.BOOT_ERROR
-            log.failure("worker {id} failed to start", id=self.info.id)
+            self._failed(ExitStatus.BOOT_ERROR, f"worker {self.info.id} failed to start")
             raise
         log.info("worker {id} (pid {pid}) serving {app}", id=self.info.id,
                  pid=self.info.pid, app=self.settings.app)
         self._on_ready()
+
+    def _failed(self, status: ExitStatus, what: str) -> None:
+        """Called in an C{except} block."""
+        self.exit_status = status
+        failure = Failure()
+        self._on_failed(status, f"{what}: {failure.type.__name__}: {failure.value}", failure)
 
     async def _boot(self, cluster: Cluster) -> None:
         cluster.worker = self.info
@@ -92,8 +110,13 @@ class WorkerService(Service):
             await call_job(hook)
         # After the hooks, so that a hook may add cron jobs.
         self.cron = CronService(cluster.cron_jobs, self.reactor, self._cron_guard(cluster))
-        self.site = ClusterSite(cluster.resource(), self.reactor, self.settings.access_log,
-                                locality=self.locality)
+        access_log = None
+        if self.settings.access_log:
+            access_log = AccessLog(self.settings.access_log, self.settings.access_log_format,
+                                   worker=self.info.id)
+        self.site = ClusterSite(cluster.resource(), self.reactor, access_log,
+                                locality=self.locality,
+                                stats=RequestStats(detailed=bool(self.settings.metrics)))
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:
@@ -112,6 +135,12 @@ class WorkerService(Service):
             log.warn("cron jobs {jobs} ask for lock=True but there is no --redis: "
                      "they run in worker 1 of this host only", jobs=", ".join(locked))
         return run_unguarded
+
+    def stats(self) -> Optional[WorkerStats]:
+        """What the site has served so far (None before it exists)."""
+        if self.site is None:
+            return None
+        return self.site.stats.snapshot(len(self.site.channels))
 
     def set_count(self, count: int) -> None:
         """The cluster was scaled: C{cluster.worker.count}, the environment

@@ -18,19 +18,18 @@ reconnects there (L{txcluster.worker.locality.Locality}).
 
 from __future__ import annotations
 
-import os
-from typing import Optional, Set
+from typing import Any, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
+from .access_log import AccessLog
 from .locality import Locality
+from .stats import RequestStats
 
-log = Logger(namespace="txcluster.access")
 
 #: How long a connection that has sent nothing yet may take to send its
 #: first request once draining has begun.
@@ -80,31 +79,39 @@ class DrainableChannel(http.HTTPChannel):
             self.transport.loseConnection()
 
 
+class TimedRequest(Request):
+    """A request that knows when its first line arrived."""
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self.received_at: float = channel.site.reactor.seconds()
+
+
 class ClusterSite(Site):
     """
-    A L{Site} that tracks its connections so it can drain them, and writes
-    an access log only when asked to.
+    A L{Site} that tracks its connections so it can drain them, times its
+    requests, and writes an access log only when asked to.
 
-    @param access_log: C{None} for no access log, C{"-"} for the main log,
-        else a file path.  Each line is written in one C{write(2)} to a file
-        opened with C{O_APPEND}, so workers can share one file.
+    @param access_log: where each request is logged, if anywhere.
     @param locality: with C{--cpu-affinity}, this worker's CPUs.
     """
 
     protocol = DrainableChannel
+    requestFactory = TimedRequest
     noisy = False
 
     def __init__(
         self, resource: IResource, reactor: IReactorTime,
-        access_log: Optional[str] = None, locality: Optional[Locality] = None,
+        access_log: Optional[AccessLog] = None, locality: Optional[Locality] = None,
+        stats: Optional[RequestStats] = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.locality = locality
         self.draining = False
         self.channels: Set[DrainableChannel] = set()
         self._drained: Optional[Deferred] = None
-        self._access_log = access_log
-        self._access_fd: Optional[int] = None
+        self.access_log = access_log
+        self.stats = RequestStats() if stats is None else stats
 
     def buildProtocol(self, addr) -> DrainableChannel:
         channel = super().buildProtocol(addr)
@@ -135,24 +142,23 @@ class ClusterSite(Site):
     # Access log -------------------------------------------------------------
     # HTTPFactory's startFactory/stopFactory only open and close its own
     # log file, and its log() writes to the legacy log unless given a path;
-    # this class owns the access log instead, so it does not call them.
+    # this class has its own access log instead, so it does not call them.
 
     def startFactory(self) -> None:
-        if self._access_log not in (None, "-"):
-            self._access_fd = os.open(
-                self._access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-            )
+        if self.access_log is not None:
+            self.access_log.open()
 
     def stopFactory(self) -> None:
-        if self._access_fd is not None:
-            os.close(self._access_fd)
-            self._access_fd = None
+        if self.access_log is not None:
+            self.access_log.close()
 
-    def log(self, request) -> None:
-        if self._access_log is None:
-            return
-        line = http.combinedLogFormatter(http.datetimeToLogString(), request)
-        if self._access_fd is None:
-            log.info("{line}", line=line)
-        else:
-            os.write(self._access_fd, (line + "\n").encode("utf-8"))
+    def reopen_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def log(self, request: TimedRequest) -> None:
+        """Called by Twisted when a request has been answered."""
+        duration = self.reactor.seconds() - request.received_at
+        self.stats.record(request.code, duration)
+        if self.access_log is not None:
+            self.access_log.write(request, duration)

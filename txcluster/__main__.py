@@ -1,0 +1,5 @@
+"""C{python -m txcluster}: the C{txcluster} command."""
+
+from .cli import main
+
+main()
