@@ -95,7 +95,8 @@ async def _run(reactor: Any, options: argparse.Namespace, out: List[str]) -> Non
     try:
         await _command(reactor, client, options, out)
     finally:
-        client.transport.loseConnection()
+        if client.transport is not None:  # after stop, the master has closed it
+            client.transport.loseConnection()
 
 
 async def _command(reactor: Any, client: Any, options: argparse.Namespace,

@@ -89,8 +89,11 @@ class SignalledService(MultiService):
         self._log_file: Optional[Any] = None
 
     def startService(self) -> None:
-        # First, so that a signal while workers start is handled as ours.
-        # (Under twistd the reactor runs by now, and this happens at once.)
+        # twistd starts services before the reactor runs: ours go in now, so
+        # that a SIGTERM from now on is a graceful stop (before the reactor
+        # runs, its action waits in the reactor's queue), and again once the
+        # reactor has installed its own, which replace them.
+        self._install_signal_handlers()
         self.reactor.callWhenRunning(self._install_signal_handlers)
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
@@ -117,7 +120,8 @@ class SignalledService(MultiService):
         """Replace the reactor's SIGTERM/SIGINT handlers (after which twistd
         would kill itself with the signal: a graceful stop must exit 0) and
         add ours.  Each handler only schedules its action in the reactor."""
-        self._log_file = twistd_log_file(signal.getsignal(signal.SIGUSR1))
+        if self._log_file is None:
+            self._log_file = twistd_log_file(signal.getsignal(signal.SIGUSR1))
         for signum, action in self.signal_actions().items():
             signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
         for signum in HARMLESS_SIGNALS:
@@ -189,7 +193,7 @@ class MasterService(SignalledService):
         log.info("txcluster master (pid {pid}) listening on {address} with {n} workers",
                  pid=os.getpid(), address=describe(self.listeners.listening),
                  n=self.settings.workers)
-        self.supervisor.start()
+        self.reactor.callWhenRunning(self.supervisor.start)
         self.memory.start()
 
     def _serving(self, workers: List[Worker]) -> None:
