@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from twisted.logger import formatEvent, globalLogPublisher
 
-from txcluster.master.supervisor import ExitInfo, RestartPolicy, Supervisor
+from txcluster.master.supervisor import ExitInfo, RecyclePolicy, RestartPolicy, Supervisor
 from txcluster.wire import ExitStatus
 
 
@@ -40,7 +40,7 @@ class FakeProcess:
 
 
 class Harness:
-    def __init__(self, count=2, **policy):
+    def __init__(self, count=2, recycling=RecyclePolicy(), **policy):
         self.clock = Clock()
         self.spawned = []
         self.crash_loops = 0
@@ -57,6 +57,7 @@ class Harness:
             self.clock, spawn, count, RestartPolicy(**policy),
             on_crash_loop=self._crash_loop, on_all_ready=self._all_ready,
             on_serving=lambda workers: self.serving.append([w.id for w in workers]),
+            recycling=recycling,
         )
 
     def _crash_loop(self):

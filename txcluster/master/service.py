@@ -4,15 +4,16 @@ signals into actions, and exits with a status systemd understands.
 
 L{build_master} makes its parts once, in dependency order: the CPUs
 workers are pinned to, the listening sockets (bound at once, before twistd
-drops privileges), the spawner, the round-robin dispatcher, and the
-L{Supervisor} that ties them together.
+drops privileges), the spawner, the round-robin dispatcher, the
+L{Supervisor} that ties them together, and the ports of C{--metrics} and
+C{--control}, which read and drive it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
-import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.application.service import MultiService, Service
@@ -24,8 +25,8 @@ from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
 from .dispatch import ConnectionDispatcher
 from .process import WorkerSpawner
-from .sockets import Listeners, SharedSocket, bind, describe, listen
 from .recycling import MemoryWatch
+from .sockets import Listeners, SharedSocket, bind, describe, listen
 from .supervisor import RecyclePolicy, RestartPolicy, Supervisor, Worker, WorkerDied
 from .systemd import Systemd
 
@@ -47,9 +48,10 @@ def twistd_log_file(handler: Any) -> Optional[Any]:
     C{tests/test_operations.py} runs a real daemon, so such a change fails
     there.
     """
-    if not callable(handler):
+    try:
+        candidate = inspect.getclosurevars(handler).nonlocals.get("logFile")
+    except TypeError:  # SIG_DFL, SIG_IGN, or a builtin
         return None
-    candidate = inspect.getclosurevars(handler).nonlocals.get("logFile")
     return candidate if callable(getattr(candidate, "reopen", None)) else None
 
 
