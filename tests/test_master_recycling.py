@@ -127,3 +127,23 @@ class MetricsTests(unittest.TestCase):
                      'txcluster_worker_resident_memory_bytes{worker="1"} 5.24288e+07',
                      'txcluster_connections_open{worker="1"} 2.0'):
             self.assertIn(line + "\n", text)
+
+    def test_served_over_http_on_metrics_only(self):
+        from twisted.internet.testing import StringTransport
+
+        from txcluster.master.metrics import metrics_site
+
+        h = Harness(count=1)
+        h.start_all_ready()
+        for request, status in ((b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+                                (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"404")):
+            channel = metrics_site(ClusterMetrics(h.supervisor), h.clock).buildProtocol(None)
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.dataReceived(request)
+            response = transport.value()
+            self.assertTrue(response.startswith(b"HTTP/1.1 " + status), response[:100])
+            if status == b"200":
+                self.assertIn(b"txcluster_workers 1.0", response)
+                self.assertIn(b"text/plain; version=", response)
+

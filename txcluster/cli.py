@@ -90,8 +90,7 @@ async def _run(reactor: Any, options: argparse.Namespace, out: List[str]) -> Non
     try:
         client = await connectProtocol(UNIXClientEndpoint(reactor, options.control), AMP())
     except Exception as e:
-        reason = getattr(getattr(e, "osError", None), "strerror", None) or str(e) or type(e).__name__
-        raise ControlError(f"no master answers on {options.control} ({reason})") from None
+        raise ControlError(f"no master answers on {options.control} ({_reason(e)})") from None
     try:
         await _command(reactor, client, options, out)
     finally:
@@ -166,6 +165,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(f"txcluster: {errors[0]}")
     if out:
         print(out[0])
+
+
+def _reason(error: BaseException) -> str:
+    """Why connecting failed: Twisted's ConnectError keeps the errno."""
+    errno = getattr(error, "osError", None)
+    if isinstance(errno, int):
+        return os.strerror(errno)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _one_line(error: BaseException) -> str:

@@ -363,7 +363,7 @@ def build_master(reactor: Any, settings: Settings,
     if settings.metrics:
         from .metrics import ClusterMetrics, metrics_site
 
-        site = metrics_site(ClusterMetrics(master.supervisor))
+        site = metrics_site(ClusterMetrics(master.supervisor), reactor)
         port = listen(reactor, settings.metrics, site, option="--metrics")
         ListeningService(port, "metrics").setServiceParent(master)
     if settings.control:
