@@ -42,7 +42,7 @@ class FakeMaster:
     def reload(self):
         return self.reloaded
 
-    def request_stop(self):
+    def stop_gracefully(self):
         self.stops += 1
 
 

@@ -2,7 +2,6 @@
 with fake processes, a fake clock and no sockets."""
 
 from prometheus_client.exposition import generate_latest
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from txcluster.master.metrics import ClusterMetrics
@@ -45,6 +44,7 @@ class RecycleTests(unittest.TestCase):
         h = Harness(count=2, recycling=RecyclePolicy(max_requests=50, jitter=10))
         h.supervisor._randint = lambda low, high: 3
         h.start_all_ready()
+        h.clock.advance(5)  # no recycling in a worker's first seconds
         old = h.current(1)
         old.heartbeat(served(52))
         self.assertEqual(len(h.spawned), 2)  # under 53
@@ -60,6 +60,7 @@ class RecycleTests(unittest.TestCase):
     def test_one_replacement_at_a_time(self):
         h = Harness(count=2, recycling=RecyclePolicy(max_requests=10))
         h.start_all_ready()
+        h.clock.advance(5)
         h.current(1).heartbeat(served(10))
         h.current(2).heartbeat(served(10))
         h.current(1).heartbeat(served(11))  # asked again: still one successor
@@ -69,12 +70,38 @@ class RecycleTests(unittest.TestCase):
         h.spawned[0].worker.exited(ExitInfo(status=0))
         self.assertEqual(len(h.spawned), 4)  # now worker 2's
 
+    def test_a_successor_that_fails_is_retried_later_and_later(self):
+        h = Harness(count=1, recycling=RecyclePolicy(max_requests=10))
+        h.start_all_ready()
+        h.clock.advance(5)
+        h.current(1).heartbeat(served(10))
+        self.assertEqual(len(h.spawned), 2)
+        delays = []
+        for _ in range(3):
+            h.supervisor.processes[-1].exited(ExitInfo(status=4))  # the new code is broken
+            before, waited = len(h.spawned), 0
+            while len(h.spawned) == before:
+                h.clock.advance(1)
+                waited += 1
+                h.current(1).heartbeat(served(10))
+            delays.append(waited)
+        self.assertEqual(delays, [1, 2, 4])
+
+    def test_not_in_its_first_seconds(self):
+        h = Harness(count=1, recycling=RecyclePolicy(max_memory=100))
+        h.start_all_ready()
+        h.supervisor.memory_read(h.current(1), 200 * MIB)
+        self.assertEqual(len(h.spawned), 1)
+        h.clock.advance(5)
+        h.supervisor.memory_read(h.current(1), 200 * MIB)
+        self.assertEqual(len(h.spawned), 2)
+
     def test_memory(self):
         h = Harness(count=1, recycling=RecyclePolicy(max_memory=100))
         h.start_all_ready()
         watch = MemoryWatch(h.supervisor, h.clock, rss=lambda pid: 101 * MIB)
         watch.start()
-        h.clock.advance(MEMORY_POLL_SECONDS)
+        h.clock.pump([MEMORY_POLL_SECONDS] * 3)
         self.assertEqual(h.current(1).rss, 101 * MIB)
         self.assertEqual(len(h.spawned), 2)
         watch.stop()

@@ -199,6 +199,16 @@ class StopTests(unittest.TestCase):
         h.current(2).exited(ExitInfo(signal=signal.SIGKILL))
         self.successResultOf(stopped)
 
+    def test_fast_stop_even_after_a_graceful_one_began(self):
+        h = Harness(count=1, shutdown_timeout=30, kill_grace=2)
+        h.start_all_ready()
+        h.supervisor.stop()
+        h.clock.advance(5)
+        h.supervisor.stop(fast=True)  # SIGQUIT after SIGTERM
+        self.assertEqual(h.spawned[0].signals, [signal.SIGTERM, signal.SIGQUIT])
+        h.clock.advance(2)
+        self.assertEqual(h.spawned[0].signals[-1], signal.SIGKILL)
+
     def test_kill_all(self):
         h = Harness(count=2)
         h.start_all_ready()
@@ -443,25 +453,37 @@ class StartFailureTests(unittest.TestCase):
         tracebacks = [line for line in self.text() if line.startswith("Traceback")]
         self.assertEqual(len(tracebacks), 1)
 
-    def test_an_app_that_cannot_load_at_start_gives_up_at_once_with_one_line(self):
+    def test_a_crash_loop_ends_with_one_line_naming_the_error(self):
         h = Harness(count=3)
         h.supervisor.start()
-        self.fail_to_load(h, 1)
+        for worker_id in (1, 2, 3):
+            self.fail_to_load(h, worker_id)
         self.assertEqual(h.crash_loops, 1)
         closing = [line for line in self.text() if "giving up" in line]
         self.assertEqual(len(closing), 1)
-        self.assertIn("could not load the app", closing[0])
+        self.assertIn("3 workers in a row", closing[0])
         self.assertIn("ImportError: no module named nope", closing[0])
-        h.clock.advance(10)
-        self.assertEqual(len(h.spawned), 3)  # nothing respawned
+        tracebacks = [line for line in self.text() if line.startswith("Traceback")]
+        self.assertEqual(len(tracebacks), 1)
 
-    def test_once_the_cluster_has_served_a_load_error_is_an_ordinary_crash(self):
+    def test_a_load_error_is_one_fast_crash_like_any_other(self):
         h = Harness(count=2)
         h.start_all_ready()
         self.fail_to_load(h, 1)  # someone deployed broken code, then a worker died
         self.assertEqual(h.crash_loops, 0)
         h.clock.advance(1)
         self.assertEqual(len(h.spawned), 3)
+
+    def test_an_old_error_is_not_blamed_for_a_new_crash_loop(self):
+        h = Harness(count=1, min_delay=0, max_delay=0)
+        h.supervisor.start()
+        h.current(1).failed(4, "cannot load app x:y: ImportError: old", "Traceback...\n")
+        h.current(1).ready()  # it was fixed, say
+        h.die(1, after=10)  # a long life: no crash loop, respawned
+        h.clock.advance(0)
+        h.die(1, after=1)  # then one that dies fast, saying nothing
+        closing = [line for line in self.text() if "giving up" in line]
+        self.assertNotIn("old", closing[0])
 
     def test_repeated_errors_are_one_line_each(self):
         h = Harness(count=2)

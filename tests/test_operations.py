@@ -14,7 +14,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -136,8 +135,8 @@ class BrokenAppTests(ClusterTestCase):
         self.assertEqual(len(raised), 1, output)
         closing = [line for line in output.splitlines() if "giving up" in line]
         self.assertEqual(len(closing), 1)
-        self.assertIn("could not load the app", closing[0])
-        self.assertIn("RuntimeError: this app is broken on purpose", closing[0])
+        self.assertIn("cannot load app tests.broken_app:cluster: RuntimeError: this app is "
+                      "broken on purpose", closing[0])
 
 
 class SystemdTests(ClusterTestCase):

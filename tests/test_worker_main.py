@@ -116,6 +116,8 @@ class WorkerProcessTests(unittest.TestCase):
         stopped = self.worker.shutdown()
         self.reactor.advance(1.0)
         self.assertTrue(self.port.stopped)
+        self.assertNoResult(stopped)  # its last counts are not answered either
+        self.reactor.advance(1.0)
         self.successResultOf(stopped)
 
     def test_an_orphan_drains_briefly_and_exits_in_any_case(self):

@@ -111,3 +111,15 @@ class WorkerServiceTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.successResultOf(stopped)
         self.assertEqual(aborted, [True])
+
+    def test_hurry_cuts_a_drain_under_way_short(self):
+        service = self.make(Cluster(Klein()), shutdown_timeout=30)
+        service.startService()
+        self.site.drain = lambda: Deferred()
+        aborted = []
+        self.site.abort = lambda: aborted.append(True)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        service.hurry()  # SIGQUIT after SIGTERM
+        self.successResultOf(stopped)
+        self.assertEqual(aborted, [True])

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from .control import ControlError, Reload, Scale, Status, Stop
@@ -83,12 +82,29 @@ def status_table(status: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _run(reactor: Any, options: argparse.Namespace, out: List[str]) -> None:
-    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+def _client() -> Any:
+    """An AMP client that knows when the master has closed its end: the
+    master holds its control connections until it exits."""
+    from twisted.internet.defer import Deferred
     from twisted.protocols.amp import AMP
 
+    class Client(AMP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed: Deferred = Deferred()
+
+        def connectionLost(self, reason: Any) -> None:
+            super().connectionLost(reason)
+            self.closed.callback(None)
+
+    return Client()
+
+
+async def _run(reactor: Any, options: argparse.Namespace, out: List[str]) -> None:
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
     try:
-        client = await connectProtocol(UNIXClientEndpoint(reactor, options.control), AMP())
+        client = await connectProtocol(UNIXClientEndpoint(reactor, options.control), _client())
     except Exception as e:
         raise ControlError(f"no master answers on {options.control} ({_reason(e)})") from None
     try:
@@ -114,32 +130,12 @@ async def _command(reactor: Any, client: Any, options: argparse.Namespace,
         out.append("every worker replaced")
     elif options.command == "stop":
         pid = (await ask(Stop))["pid"]
-        await _exited(reactor, pid, options.timeout)
-        out.append(f"master (pid {pid}) stopped")
-
-
-async def _exited(reactor: Any, pid: int, timeout: float) -> None:
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise ControlError(f"master (pid {pid}) still running after {timeout:.0f}s")
-        await deferLater(reactor, 0.05, lambda: None)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # not Linux
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+            await client.closed.addTimeout(options.timeout, reactor)
+        except Exception:
+            raise ControlError(f"master (pid {pid}) still running after "
+                               f"{options.timeout:.0f}s") from None
+        out.append(f"master (pid {pid}) stopped")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -46,7 +46,7 @@ class SingleProcessService(SignalledService):
             self.worker.site.reopen_access_log()
 
     def stop_fast(self) -> None:
-        self.worker.drain_seconds = 0
+        self.worker.hurry()
         super().stop_fast()
 
     def stop_now(self) -> None:

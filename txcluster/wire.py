@@ -199,6 +199,13 @@ class Stopping(amp.Command):
     The answer means the master has taken the worker out of its rotation."""
 
 
+class Goodbye(amp.Command):
+    """Worker -> master, once drained: its last counts (as L{Heartbeat}'s),
+    answered, so that the worker exits only once the master has them."""
+
+    arguments = [(b"stats", amp.Unicode())]
+
+
 class WorkerCount(amp.Command):
     """Master -> worker: the cluster now has C{count} workers."""
 

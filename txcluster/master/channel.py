@@ -12,7 +12,8 @@ from twisted.internet.interfaces import IAddress, IProcessTransport, ITransport
 from zope.interface import implementer
 
 from ..wire import (
-    Failed, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount, WorkerStats,
+    Failed, Goodbye, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
+    WorkerStats,
 )
 
 #: on_failed(status, summary, details)
@@ -71,6 +72,11 @@ class MasterSide(QuietAMP):
     @Heartbeat.responder
     def heartbeat(self, stats: Optional[str] = None) -> dict:
         self._on_heartbeat(None if stats is None else WorkerStats.from_json(stats))
+        return {}
+
+    @Goodbye.responder
+    def goodbye(self, stats: str) -> dict:
+        self._on_heartbeat(WorkerStats.from_json(stats))
         return {}
 
     @Failed.responder

@@ -36,7 +36,7 @@ class Controlled(Protocol):
     def reload(self) -> Deferred:
         """Fires with None when done, else why it stopped."""
 
-    def request_stop(self) -> None: ...
+    def stop_gracefully(self) -> None: ...
 
 
 def take_over_stale_socket(path: str) -> None:
@@ -53,9 +53,15 @@ def take_over_stale_socket(path: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)
-        except OSError:  # refused: its master is gone
-            os.unlink(path)
+        except ConnectionRefusedError:  # its master is gone
+            try:
+                os.unlink(path)
+            except OSError as e:
+                raise StartupError(f"cannot replace a stale socket: {e.strerror} "
+                                   f"(--control {path})") from None
             return
+        except OSError as e:  # not ours to probe: leave it alone
+            raise StartupError(f"{e.strerror} (--control {path})") from None
     raise StartupError(f"a running master already answers on {path} (--control {path})")
 
 
@@ -100,7 +106,7 @@ class ControlProtocol(amp.AMP):
 
     @Stop.responder
     def stop(self) -> Dict[str, int]:
-        self._master.reactor.callLater(0, self._master.request_stop)
+        self._master.reactor.callLater(0, self._master.stop_gracefully)
         return {"pid": os.getpid()}
 
 

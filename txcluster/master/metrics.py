@@ -16,10 +16,14 @@ from typing import Any, Iterator, List, Tuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
+from twisted.logger import Logger
 from twisted.web import http
 
 from ..wire import DURATION_BUCKETS
 from .supervisor import RESTART_REASONS, Supervisor
+
+
+log = Logger(namespace="txcluster.master")
 
 
 class ClusterMetrics(Collector):
@@ -89,6 +93,15 @@ class MetricsRequest(http.Request):
     would cost the master 2.3 MiB more than C{twisted.web.http}."""
 
     def process(self) -> None:
+        try:
+            self._answer()
+        except Exception:
+            log.failure("cannot serve the metrics")
+            self.setResponseCode(500)
+        finally:
+            self.finish()
+
+    def _answer(self) -> None:
         if self.path != b"/metrics" or self.method not in (b"GET", b"HEAD"):
             self.setResponseCode(404)
             self.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -101,7 +114,6 @@ class MetricsRequest(http.Request):
             self.setHeader(b"content-length", str(len(body)).encode())
             if self.method == b"GET":
                 self.write(body)
-        self.finish()
 
 
 class MetricsFactory(http.HTTPFactory):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..cpus import Pinning, usable_cpus
@@ -31,6 +32,9 @@ from .supervisor import RecyclePolicy, RestartPolicy, Supervisor, Worker, Worker
 from .systemd import Systemd
 
 log = Logger(namespace="txcluster.master")
+
+#: How often C{txcluster scale} looks again for a worker being respawned.
+RESPAWN_POLL_SECONDS = 0.1
 
 #: Signals the master has no use for, and that must never be fatal
 #: (SIGUSR2's default action kills; a terminal's SIGWINCH, a closed pipe's
@@ -118,6 +122,16 @@ class SignalledService(MultiService):
     def not_supported(what: str) -> Callable[[], None]:
         return lambda: log.warn("{what} needs workers; ignored with --single", what=what)
 
+    def _run_signal_action(self, action: Callable[[], Any]) -> None:
+        """In the reactor's thread; an error is logged, never left unhandled."""
+        try:
+            result = action()
+        except Exception:
+            log.failure("handling a signal failed")
+            return
+        if isinstance(result, Deferred):
+            result.addErrback(lambda failure: log.failure("handling a signal failed", failure))
+
     def _install_signal_handlers(self) -> None:
         """Replace the reactor's SIGTERM/SIGINT handlers (after which twistd
         would kill itself with the signal: a graceful stop must exit 0) and
@@ -125,7 +139,8 @@ class SignalledService(MultiService):
         if self._log_file is None:
             self._log_file = twistd_log_file(signal.getsignal(signal.SIGUSR1))
         for signum, action in self.signal_actions().items():
-            signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
+            signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(
+                self._run_signal_action, a))
         for signum in HARMLESS_SIGNALS:
             signal.signal(signum, lambda n, frame: None)
 
@@ -140,9 +155,22 @@ class SignalledService(MultiService):
         """The access log, which the workers (or the single process) write."""
 
     def stop_fast(self) -> None:
-        """SIGQUIT: stop without waiting for the requests in flight; exit 0."""
+        """SIGQUIT: stop without waiting for the requests in flight; exit 0
+        (even if a graceful stop is already under way: it is cut short)."""
         log.info("SIGQUIT: fast shutdown")
+        already = self._stopping
         self.fast = True
+        self.stop_reactor()
+        if already:
+            self.hurry()
+
+    def hurry(self) -> None:
+        """A graceful stop under way becomes a fast one."""
+
+    def stop_gracefully(self) -> None:
+        """As SIGTERM, but a repeat never escalates (C{txcluster stop})."""
+        if not self._stopping:
+            log.info("graceful shutdown (txcluster stop)")
         self.stop_reactor()
 
     def request_stop(self) -> None:
@@ -253,17 +281,24 @@ class MasterService(SignalledService):
 
     def reload(self) -> Deferred:
         """SIGHUP: a rolling restart; systemd (Type=notify-reload) hears
-        RELOADING=1 now and READY=1 once it is over, done or not."""
-        log.info("SIGHUP: rolling restart")
-        self.systemd.reloading()
+        RELOADING=1 when it begins and READY=1 once it is over, done or not.
+        Fires with None when done, else why not."""
+        log.info("rolling restart requested")
+        starts = not (self.supervisor.reloading or self.supervisor.stopping)
+        if starts:
+            self.systemd.reloading()
         restart = ensureDeferred(self.supervisor.rolling_restart())
 
         def over(result: Any) -> Any:
-            self.systemd.ready(self._status())
+            if starts and not self.supervisor.stopping:
+                self.systemd.ready(self._status())
             return result
 
         return restart.addBoth(over).addCallback(
             lambda done: None if done else self.supervisor.replace_error or "not done")
+
+    def hurry(self) -> None:
+        self.supervisor.stop(fast=True)
 
     def status(self) -> Dict[str, Any]:
         """The master and each of its worker processes (C{txcluster status})."""
@@ -290,14 +325,20 @@ class MasterService(SignalledService):
             if self.supervisor.scale_up() is None:
                 raise ControlError("the master is stopping")
         while self.supervisor.count > count:
-            self.remove_worker()
-        for worker_id, worker in sorted(self.supervisor.slots.items()):
-            if worker is None:
-                raise ControlError(f"worker {worker_id} died and is being respawned")
-            try:
-                await worker.when_ready()
-            except WorkerDied as e:
-                raise ControlError(str(e)) from None
+            if self.remove_worker() is None:
+                raise ControlError("the master is stopping")
+        for worker_id in sorted(self.supervisor.slots):
+            while True:
+                if self.supervisor.stopping:
+                    raise ControlError("the master is stopping")
+                worker = self.supervisor.slots.get(worker_id)
+                if worker is not None:
+                    try:
+                        await worker.when_ready()
+                        break
+                    except WorkerDied:  # it is respawned: wait for the next one
+                        pass
+                await deferLater(self.reactor, RESPAWN_POLL_SECONDS, lambda: None)
 
     def add_worker(self) -> None:
         log.info("SIGTTIN: one worker more")
@@ -307,10 +348,11 @@ class MasterService(SignalledService):
         log.info("SIGTTOU: one worker fewer")
         self.remove_worker()
 
-    def remove_worker(self) -> None:
+    def remove_worker(self) -> Optional[int]:
         removed = self.supervisor.scale_down()
         if removed is not None:
             self.listeners.release(removed)
+        return removed
 
 
 def bind_listeners(reactor: Any, settings: Settings,

@@ -54,6 +54,8 @@ class RestartPolicy:
     kill_grace: float = 2.0
     #: a hung worker is asked for its stack, and killed this much later
     stack_dump_grace: float = 1.0
+    #: the longest wait before recycling a worker again whose successor failed
+    max_recycle_delay: float = 300.0
 
     def respawn_delay(self, fast_crashes: int) -> float:
         if fast_crashes == 0:
@@ -290,6 +292,9 @@ class Supervisor:
         self.restarts: Counter = Counter()
         #: one replacement (rolling restart or recycling) at a time
         self._replacements = DeferredLock()
+        #: worker id -> when to try recycling it again, after a failure
+        self._recycle_retry_at: Dict[int, float] = {}
+        self._recycle_delay: Dict[int, float] = {}
         #: why the last replacement failed (its successor died, or was too slow)
         self.replace_error: Optional[str] = None
         self._recycling: Set[Worker] = set()
@@ -344,6 +349,7 @@ class Supervisor:
 
     def worker_ready(self, worker: Worker) -> None:
         log.info("worker {id} (pid {pid}) ready", id=worker.id, pid=worker.pid)
+        self._last_failure = None  # a crash loop from now on is another story
         self._serving_changed()
         self._assign_cron()
         if not self.announced_ready and self._all_ready():
@@ -402,13 +408,6 @@ class Supervisor:
                 log.error("{line}", line=line, log_system=f"worker {worker.id}")
         self._last_failure = (summary, details)
 
-    def _hopeless(self, worker: Worker) -> bool:
-        """Did C{worker} fail to boot or to load the app before any worker
-        was ever ready?  Then the next would too: gunicorn gives up at
-        once, and so do we."""
-        return (not self.announced_ready and worker.exit is not None
-                and worker.exit.status in (ExitStatus.BOOT_ERROR, ExitStatus.APP_LOAD_ERROR))
-
     def worker_exited(self, worker: Worker) -> None:
         self.processes.remove(worker)
         self.served.forget(worker)
@@ -425,7 +424,7 @@ class Supervisor:
             self._last_fast_crash = self.clock.seconds()
         else:
             self.fast_crashes = 0
-        if self.fast_crashes >= max(1, self.count) or self._hopeless(worker):
+        if self.fast_crashes >= max(1, self.count):
             self._crash_loop(worker)
             return
         delay = self.policy.respawn_delay(self.fast_crashes)
@@ -442,14 +441,9 @@ class Supervisor:
         """Give up, with one closing line that names the last error (the
         error itself was logged as it happened)."""
         self.stopping = True  # respawn nothing more; the master stops the rest
-        if self._hopeless(last):
-            log.critical("crash loop: {worker!r} {what} before any worker was ready; "
-                         "giving up: {error}", worker=last, error=self._last_error(last),
-                         what=ExitStatus.meaning(last.exit.status))  # type: ignore[union-attr]
-        else:
-            log.critical("crash loop: {n} workers in a row died within {s:.0f}s of starting; "
-                         "giving up; the last error: {error}", n=self.fast_crashes,
-                         s=self.policy.fast_crash_seconds, error=self._last_error(last))
+        log.critical("crash loop: {n} workers in a row died within {s:.0f}s of starting; "
+                     "giving up; the last error: {error}", n=self.fast_crashes,
+                     s=self.policy.fast_crash_seconds, error=self._last_error(last))
         self._on_crash_loop()
 
     def _last_error(self, last: Worker) -> str:
@@ -543,11 +537,14 @@ class Supervisor:
                                   else "a rolling restart is already in progress")
             log.info("{why}; rolling restart ignored", why=self.replace_error)
             return False
+        self.replace_error = None
         self.reloading = True
         log.info("rolling restart of {count} workers", count=self.count)
         try:
             for worker_id in sorted(self.slots):
                 if not await self._replace_in_turn(worker_id, "reload"):
+                    if self.stopping:
+                        self.replace_error = "the master is stopping"
                     return False
             log.info("rolling restart done")
             return True
@@ -556,9 +553,14 @@ class Supervisor:
 
     def recycle(self, worker: Worker, why: str) -> None:
         """Replace C{worker} the way a rolling restart would (its successor
-        is ready before it stops), because of C{why}."""
+        is ready before it stops), because of C{why}.  A successor that
+        fails (new code that does not load, say) is retried later and
+        later, not at every heartbeat."""
+        now = self.clock.seconds()
         if (worker in self._recycling or self.stopping or worker.retiring
-                or self.slots.get(worker.id) is not worker):
+                or self.slots.get(worker.id) is not worker
+                or now < self._recycle_retry_at.get(worker.id, 0.0)
+                or now - worker.started_at < self.policy.fast_crash_seconds):
             return
         self._recycling.add(worker)
         log.info("{worker!r} recycled: {why}", worker=worker, why=why)
@@ -568,8 +570,21 @@ class Supervisor:
                 return succeed(True)
             return ensureDeferred(self._replace(worker.id, "recycle"))
 
-        done = self._replacements.run(replace)
-        done.addBoth(lambda result: self._recycling.discard(worker))
+        def done(replaced: bool) -> None:
+            delay = self._recycle_delay.get(worker.id, 0.0)
+            if replaced:
+                self._recycle_delay.pop(worker.id, None)
+                return
+            delay = min(self.policy.max_recycle_delay, max(1.0, delay * 2))
+            self._recycle_delay[worker.id] = delay
+            self._recycle_retry_at[worker.id] = self.clock.seconds() + delay
+            log.warn("{worker!r} stays; recycling it again in {delay:.0f}s",
+                     worker=worker, delay=delay)
+
+        replacing = self._replacements.run(replace).addCallback(done)
+        replacing.addErrback(lambda failure: log.failure(
+            "recycling {worker!r} failed", failure, worker=worker))
+        replacing.addBoth(lambda result: self._recycling.discard(worker))
 
     def _replace_in_turn(self, worker_id: int, reason: str) -> Deferred:
         return self._replacements.run(lambda: ensureDeferred(self._replace(worker_id, reason)))
@@ -624,7 +639,8 @@ class Supervisor:
     def scale_down(self) -> Optional[int]:
         """Retire the highest worker id (never the last one)."""
         if self.count <= 1 or self.stopping:
-            log.info("not removing the last worker")
+            log.info("not removing a worker: {why}",
+                     why="the master is stopping" if self.stopping else "it is the last one")
             return None
         worker_id = max(self.slots)
         worker = self.slots.pop(worker_id)

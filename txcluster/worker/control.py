@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from ..wire import (
-    MAX_DETAILS, Failed, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
+    MAX_DETAILS, Failed, Goodbye, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
     WorkerStats,
 )
 
@@ -50,6 +50,15 @@ class WorkerSide(QuietAMP):
         every worker fails the same way)."""
         self.callRemote(Failed, status=int(status), summary=summary[:1000],
                         details=details[-MAX_DETAILS:])
+
+    def say_goodbye(self, clock: Any, stats: Optional[WorkerStats],
+                    timeout: float = 1.0) -> Deferred:
+        """The last counts, once drained; fires once the master has them
+        (or after C{timeout}, or at once if the master is gone)."""
+        if stats is None:
+            return succeed(None)
+        return (self.callRemote(Goodbye, stats=stats.to_json()).addTimeout(timeout, clock)
+                .addErrback(lambda failure: None))
 
     def report_stopping(self, clock: Any, timeout: float = 1.0) -> Deferred:
         """Tell the master we are stopping; fires once it has answered

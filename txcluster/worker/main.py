@@ -102,8 +102,10 @@ class WorkerProcess:
             self.master_lost()
         left = self.control.report_stopping(self.reactor)
         drained = left.addCallback(lambda _: self.service.stopService())
-        # The last counts, so that the master's totals miss no request.
-        return drained.addCallback(lambda _: self.beat())
+        # The last counts, so that the master's totals miss no request; an
+        # answered command, since the pipe closes as the reactor stops.
+        return drained.addCallback(
+            lambda _: self.control.say_goodbye(self.reactor, self.service.stats()))
 
     def install_signal_handlers(self) -> None:
         """
@@ -133,7 +135,7 @@ class WorkerProcess:
             self.reactor.stop()
 
     def stop_fast(self) -> None:
-        self.service.drain_seconds = 0
+        self.service.hurry()
         self.stop()
 
     def reopen_logs(self) -> None:

@@ -71,6 +71,7 @@ class WorkerService(Service):
         self.cron: Optional[CronService] = None
         self.redis: Optional[Any] = None
         self.drain_seconds = settings.shutdown_timeout
+        self._cut_drain: Optional[Callable[[], None]] = None
         self.exit_status = ExitStatus.OK
         self.started: Deferred = Deferred()
 
@@ -175,8 +176,9 @@ class WorkerService(Service):
             finishing.append(self.cron.stop())
         in_time = await self._within_drain_deadline(DeferredList(finishing))
         if not in_time and self.site is not None:
-            log.warn("{count} connections still open after {seconds}s; closing them",
-                     count=len(self.site.channels), seconds=self.drain_seconds)
+            if self.site.channels:
+                log.warn("closing {count} connections still open after {seconds}s",
+                         count=len(self.site.channels), seconds=self.drain_seconds)
             self.site.abort()
         if self.cluster is not None and self.started.called:
             for hook in self.cluster.shutdown_hooks:
@@ -200,7 +202,17 @@ class WorkerService(Service):
 
         finishing.addBoth(lambda _: settle(True))
         deadline = self.reactor.callLater(self.drain_seconds, settle, False)
-        in_time = await outcome
-        if deadline.active():
-            deadline.cancel()
-        return in_time
+        self._cut_drain = lambda: settle(False)
+        try:
+            return await outcome
+        finally:
+            self._cut_drain = None
+            if deadline.active():
+                deadline.cancel()
+
+    def hurry(self) -> None:
+        """SIGQUIT: do not wait for the requests in flight, even if the
+        drain has begun."""
+        self.drain_seconds = 0
+        if self._cut_drain is not None:
+            self._cut_drain()
