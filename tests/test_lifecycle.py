@@ -211,6 +211,23 @@ class RollingRestartTests(ClusterTestCase):
         times = [float(line.split()[2]) for line in self.lines(cron)]
         self.assertGreater(times[handover], times[handover - 1])
 
+class KeepAliveHandBackTests(ClusterTestCase):
+    """Round-robin: a stopping worker hands its idle kept-alive connections
+    back to the master, which passes them to another worker, so a client
+    never has a kept-alive connection closed under it."""
+
+    def test_sighup_closes_no_kept_alive_connection(self):
+        cluster = self.start(app=None, workers=2)
+        with Load(cluster.url, close_clients=0, keepalive_clients=6) as load:
+            wait_until(lambda: load.sent >= 100, 20, "load")
+            cluster.signal(signal.SIGHUP)
+            cluster.wait_for_log("rolling restart done", timeout=60)
+            done = load.sent
+            wait_until(lambda: load.sent >= done + 100, 20, "load on the new workers")
+        self.assertEqual((load.failed, load.retried), (0, 0), load.errors[:3])
+        self.assertRegex(cluster.output, r"drained: [1-9]\d* of \d+ connections handed back")
+
+
 class ScalingTests(ClusterTestCase):
     def test_ttin_adds_and_ttou_removes(self):
         cluster = self.start(workers=2)

@@ -248,6 +248,25 @@ class RoundRobinTests(unittest.TestCase):
         self.dispatcher.doRead()
         self.assertEqual(self.received(0) + self.received(2), 4)
 
+    def test_a_connection_handed_back_goes_to_another_worker(self):
+        stopping = WorkerChannel(self.channels[0][0])
+        self.dispatcher.watch(stopping)
+        self.dispatcher.serve(self.serving[1:])  # worker 0 is leaving
+        client = self.connect(1)[0]
+        self.dispatcher.serve(self.serving[:1])
+        self.dispatcher.doRead()  # worker 0 still got it, say
+        [fd] = socket.recv_fds(self.channels[0][1], 64, 64)[1]
+        self.dispatcher.serve(self.serving[1:])
+        socket.send_fds(self.channels[0][1], [b"c"], [fd])  # ... and hands it back
+        os.close(fd)
+        readers = [r for r in self.reactor.readers if r is not self.dispatcher]
+        readers[0].doRead()
+        self.assertEqual(self.dispatcher.handed_back, 1)
+        self.assertEqual(self.received(1) + self.received(2), 1)
+        client.sendall(b"still open")  # never closed on the client
+        self.dispatcher.unwatch(stopping)
+        self.assertEqual([r for r in self.reactor.readers if r is not self.dispatcher], [])
+
     def test_receiver_adopts_and_drains_on_stop(self):
         clients = self.connect(3)
         self.dispatcher.doRead()

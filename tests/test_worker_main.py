@@ -111,11 +111,19 @@ class WorkerProcessTests(unittest.TestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.exits, [])
 
+    def test_idle_connections_go_back_only_if_the_master_takes_them(self):
+        self.worker.start()
+        self.master._takes_back = lambda: True  # a rolling restart, not its shutdown
+        self.worker.shutdown()
+        self.pump()
+        self.assertTrue(self.worker.service.may_hand_back)
+
     def test_shutdown_goes_on_if_the_master_never_answers(self):
         self.worker.start()
         stopped = self.worker.shutdown()
         self.reactor.advance(1.0)
         self.assertTrue(self.port.stopped)
+        self.assertFalse(self.worker.service.may_hand_back)
         self.assertNoResult(stopped)  # its last counts are not answered either
         self.reactor.advance(1.0)
         self.successResultOf(stopped)

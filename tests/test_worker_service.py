@@ -102,7 +102,7 @@ class WorkerServiceTests(unittest.TestCase):
         service = self.make(Cluster(Klein()), shutdown_timeout=3)
         service.startService()
         waiting = Deferred()
-        self.site.drain = lambda: waiting
+        self.site.drain = lambda hand_back=None: waiting
         aborted = []
         self.site.abort = lambda: aborted.append(True)
         stopped = service.stopService()
@@ -115,7 +115,7 @@ class WorkerServiceTests(unittest.TestCase):
     def test_hurry_cuts_a_drain_under_way_short(self):
         service = self.make(Cluster(Klein()), shutdown_timeout=30)
         service.startService()
-        self.site.drain = lambda: Deferred()
+        self.site.drain = lambda hand_back=None: Deferred()
         aborted = []
         self.site.abort = lambda: aborted.append(True)
         stopped = service.stopService()

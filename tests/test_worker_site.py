@@ -236,3 +236,22 @@ class AccessLogTests(unittest.TestCase):
             "time": "2025-12-02T01:45:04.250Z", "worker": 3, "client": "192.168.1.1",
             "method": "GET", "path": "/slow?x=1", "status": 200, "bytes": 4,
             "duration_ms": 250.0, "referer": "http://r/", "user_agent": "probe/1"})
+
+
+class UnsentBytesTests(unittest.TestCase):
+    """unsent_bytes reads Twisted's write buffers, which have no public
+    accessor: this fails if they are renamed."""
+
+    def test_a_written_response_counts_until_it_is_flushed(self):
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        from txcluster.worker.site import unsent_bytes
+
+        descriptor = FileDescriptor(reactor=MemoryReactor())
+        descriptor.connected = True
+        self.assertEqual(unsent_bytes(descriptor), 0)
+        descriptor.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(unsent_bytes(descriptor), 19)
+        self.assertEqual(unsent_bytes(object()), 1)  # unknown: never handed back
+

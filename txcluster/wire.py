@@ -196,7 +196,11 @@ MAX_DETAILS = 16000
 
 class Stopping(amp.Command):
     """Worker -> master: I am shutting down; send me no more connections.
-    The answer means the master has taken the worker out of its rotation."""
+    The answer means the master has taken the worker out of its rotation;
+    C{take_back} that it will take the worker's idle connections back and
+    pass them on (round-robin, while the master is not stopping itself)."""
+
+    response = [(b"take_back", amp.Boolean())]
 
 
 class Goodbye(amp.Command):

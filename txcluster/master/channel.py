@@ -57,8 +57,10 @@ class MasterSide(QuietAMP):
 
     def __init__(self, on_ready: Callable[[], None],
                  on_heartbeat: Callable[[Optional[WorkerStats]], None],
-                 on_stopping: Callable[[], None], on_failed: Optional[OnFailed] = None):
+                 on_stopping: Callable[[], None], on_failed: Optional[OnFailed] = None,
+                 takes_back: Callable[[], bool] = lambda: False):
         super().__init__()
+        self._takes_back = takes_back
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
         self._on_stopping = on_stopping
@@ -87,7 +89,7 @@ class MasterSide(QuietAMP):
     @Stopping.responder
     def stopping(self) -> dict:
         self._on_stopping()
-        return {}
+        return {"take_back": self._takes_back()}
 
     def start_cron(self) -> None:
         self.callRemote(StartCron)

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..cpus import incoming_cpu
-from ..wire import ACCEPT_BATCH, send_connections
+from ..wire import ACCEPT_BATCH, receive_connections, send_connections
 
 log = Logger(namespace="txcluster.master")
 
@@ -140,8 +140,10 @@ class ConnectionDispatcher:
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
         self._closed = False
+        self._watched: Dict[WorkerChannel, "_HandedBack"] = {}
         self.reading = False
         self.dispatched = 0
+        self.handed_back = 0
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -253,14 +255,51 @@ class ConnectionDispatcher:
                     self._schedule_retry()
 
     def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
-        try:
-            send_connections(channel, [c.client.fileno() for c in share])
-        except OSError:
-            return False
-        for connection in share:
-            connection.client.close()  # the worker has its copy
-        self.dispatched += len(share)
+        """Send C{share}, in messages of at most L{ACCEPT_BATCH}; what was
+        not sent stays held (True: all of it was sent)."""
+        for start in range(0, len(share), ACCEPT_BATCH):
+            batch = share[start:start + ACCEPT_BATCH]
+            try:
+                send_connections(channel, [c.client.fileno() for c in batch])
+            except OSError:
+                if start:  # some went: only the rest stays held
+                    self._held = [c for c in self._held if c not in share[:start]]
+                return False
+            for connection in batch:
+                connection.client.close()  # the worker has its copy
+            self.dispatched += len(batch)
         return True
+
+    # Connections handed back by a stopping worker ------------------------------
+
+    def watch(self, channel: WorkerChannel) -> None:
+        """Take the connections the worker on C{channel} hands back: idle
+        keep-alive connections, when it stops (a rolling restart, a
+        recycle), which go on with another worker, so no client sees its
+        connection closed."""
+        reader = _HandedBack(channel, self)
+        self._watched[channel] = reader
+        self._reactor.addReader(reader)
+
+    def unwatch(self, channel: WorkerChannel) -> None:
+        reader = self._watched.pop(channel, None)
+        if reader is not None:
+            self._reactor.removeReader(reader)
+
+    def takes_back(self) -> bool:
+        """Will connections handed back be passed on?  (Not once closed:
+        the master is stopping.)"""
+        return not self._closed
+
+    def take_back(self, fds: Sequence[int]) -> None:
+        """Deal these connections again, as if just accepted."""
+        if self._closed:
+            for fd in fds:
+                os.close(fd)  # shutting down: like a connection in the backlog
+            return
+        self._held.extend(Accepted(socket.socket(fileno=fd)) for fd in fds)
+        self.handed_back += len(fds)
+        self._send_held(self._serving)
 
     def _schedule_retry(self) -> None:
         if self._retry is None or not self._retry.active():
@@ -281,3 +320,38 @@ class ConnectionDispatcher:
         log.failure("the connection dispatcher failed; resuming", reason)
         self.reading = False
         self._reactor.callLater(PAUSE_SECONDS, self._start)
+
+
+@implementer(IReadDescriptor)
+class _HandedBack:
+    """Reads the connections a worker sends back on its channel."""
+
+    def __init__(self, channel: WorkerChannel, dispatcher: ConnectionDispatcher) -> None:
+        self._channel = channel
+        self._dispatcher = dispatcher
+
+    def fileno(self) -> int:
+        return self._channel.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "HandedBack"
+
+    def doRead(self) -> None:
+        while True:
+            try:
+                received = receive_connections(self._channel.socket)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the worker is gone
+                self._dispatcher.unwatch(self._channel)
+                return
+            if received.fds:
+                self._dispatcher.take_back(received.fds)
+            if received.closed:
+                self._dispatcher.unwatch(self._channel)
+                return
+
+    def connectionLost(self, reason: Any) -> None:
+        log.failure("reading connections handed back failed", reason)
+        self._dispatcher.unwatch(self._channel)
+

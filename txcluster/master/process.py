@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import attr
 from twisted.internet.error import ProcessExitedAlready
@@ -22,7 +22,7 @@ from ..wire import (
     CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerEnvironment,
 )
 from .channel import ChildPipeTransport, MasterSide
-from .dispatch import WorkerChannel
+from .dispatch import ConnectionDispatcher, WorkerChannel
 from .output import LineSplitter, OutputTail
 from .sockets import Listeners
 from .supervisor import ExitInfo, Worker
@@ -33,14 +33,18 @@ log = Logger(namespace="txcluster.master")
 class WorkerProcessProtocol(ProcessProtocol):
     """The master's view of one worker process."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker,
+                 release_channel: Callable[[WorkerChannel], None] = lambda channel: None,
+                 takes_back: Callable[[], bool] = lambda: False) -> None:
         self.worker = worker
         self.pid: int = 0
+        self._release_channel = release_channel
         #: round-robin mode: where the master sends this worker its connections
         self.channel: Optional[WorkerChannel] = None
         self._tail = OutputTail()
         self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat,
-                                   on_stopping=worker.leaving, on_failed=worker.failed)
+                                   on_stopping=worker.leaving, on_failed=worker.failed,
+                                   takes_back=takes_back)
         self._output = {
             1: LineSplitter(self._stdout_line),
             2: LineSplitter(self._stderr_line),
@@ -80,6 +84,7 @@ class WorkerProcessProtocol(ProcessProtocol):
         for splitter in self._output.values():
             splitter.flush()
         if self.channel is not None:
+            self._release_channel(self.channel)
             self.channel.socket.close()
         self.worker.exited(ExitInfo(status=reason.value.exitCode, signal=reason.value.signal))
 
@@ -100,17 +105,21 @@ class WorkerSpawner:
     @param listeners: the listening sockets, one of which each worker gets
         (not in round-robin mode, where it gets a connection channel).
     @param pinning: with C{--cpu-affinity}, which CPU each worker runs on.
+    @param dispatcher: round-robin: deals connections to the workers, and
+        takes back those a stopping worker hands back on its channel.
     """
 
     def __init__(
         self, reactor: Any, settings: Settings, listeners: Listeners,
         pinning: Optional[Pinning] = None, environ: Mapping[str, str] = os.environ,
+        dispatcher: Optional[ConnectionDispatcher] = None,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
         self._listeners = listeners
         self._pinning = pinning
         self._environ = environ
+        self._dispatcher = dispatcher
 
     def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
         child_fds: Dict[int, Any] = {
@@ -123,7 +132,11 @@ class WorkerSpawner:
             child_fds[CONNECTIONS_FD] = theirs.fileno()
         else:
             child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
-        protocol = WorkerProcessProtocol(worker)
+        dispatcher = self._dispatcher
+        protocol = WorkerProcessProtocol(
+            worker,
+            release_channel=dispatcher.unwatch if dispatcher else (lambda channel: None),
+            takes_back=dispatcher.takes_back if dispatcher else (lambda: False))
         try:
             self._spawn(protocol, worker.id, count, child_fds)
         except BaseException:
@@ -136,6 +149,8 @@ class WorkerSpawner:
         cpu = self._pin(protocol.pid, worker.id) if self._pinning is not None else None
         if ours is not None:
             protocol.channel = WorkerChannel(ours, cpu)
+            if self._dispatcher is not None:
+                self._dispatcher.watch(protocol.channel)
         return protocol
 
     def _pin(self, pid: int, worker_id: int) -> Optional[int]:

@@ -397,10 +397,10 @@ def build_master(reactor: Any, settings: Settings,
     """
     pinning = Pinning(usable_cpus()) if settings.cpu_affinity else None
     listeners = bind_listeners(reactor, settings, pinning)
-    spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ)
     dispatcher = None
     if settings.balance == ROUND_ROBIN:
         dispatcher = ConnectionDispatcher(reactor, listeners.listening.fileno())
+    spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher)
     master = MasterService(reactor, settings, listeners, spawner, dispatcher)
     if settings.metrics:
         from .metrics import ClusterMetrics, metrics_site

@@ -61,10 +61,11 @@ class WorkerSide(QuietAMP):
                 .addErrback(lambda failure: None))
 
     def report_stopping(self, clock: Any, timeout: float = 1.0) -> Deferred:
-        """Tell the master we are stopping; fires once it has answered
-        (or after C{timeout}, or at once if the master is gone)."""
+        """Tell the master we are stopping; fires once it has answered (or
+        after C{timeout}, or at once if the master is gone) with whether it
+        takes idle connections back."""
         return (self.callRemote(Stopping).addTimeout(timeout, clock)
-                .addErrback(lambda failure: None))
+                .addCallbacks(lambda answer: answer["take_back"], lambda failure: False))
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

@@ -101,7 +101,12 @@ class WorkerProcess:
         if self._parent_pid() != self.environment.master_pid:  # PR_SET_PDEATHSIG's SIGTERM
             self.master_lost()
         left = self.control.report_stopping(self.reactor)
-        drained = left.addCallback(lambda _: self.service.stopService())
+
+        def drain(takes_back: bool) -> Deferred:
+            self.service.may_hand_back = takes_back
+            return self.service.stopService()
+
+        drained = left.addCallback(drain)
         # The last counts, so that the master's totals miss no request; an
         # answered command, since the pipe closes as the reactor stops.
         return drained.addCallback(

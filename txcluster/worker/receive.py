@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadD
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..wire import ACCEPT_BATCH, receive_connections
+from ..wire import ACCEPT_BATCH, receive_connections, send_connections
 
 log = Logger(namespace="txcluster.worker")
 
@@ -45,6 +45,7 @@ class ConnectionReceiver:
         self._channel.setblocking(False)
         self._factory = factory
         self._family: Optional[socket.AddressFamily] = None  # one listening socket: one family
+        self._stopped = False
         self.adopted = 0
 
     def fileno(self) -> int:
@@ -58,16 +59,26 @@ class ConnectionReceiver:
         self._reactor.addReader(self)
 
     def stopListening(self) -> Deferred:
-        if self._channel.fileno() >= 0:
+        if self._channel.fileno() >= 0 and not self._stopped:
+            self._stopped = True
             self._reactor.removeReader(self)
             # The master may not know yet that this worker is stopping (say,
             # systemd sent SIGTERM to every process): from now on its sends
             # fail, and it deals those connections to another worker.
             self._channel.shutdown(socket.SHUT_RD)
             self.doRead()  # what the master sent before
-            self._channel.close()
             self._factory.doStop()
+            # The channel stays open the other way, for hand_back().
         return succeed(None)
+
+    def hand_back(self, fd: int) -> bool:
+        """Send the connection C{fd} back to the master, which deals it to
+        another worker; False if it cannot take it."""
+        try:
+            send_connections(self._channel, [fd])
+        except OSError:
+            return False
+        return True
 
     def getHost(self) -> Any:
         return None

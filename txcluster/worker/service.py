@@ -72,6 +72,9 @@ class WorkerService(Service):
         self.redis: Optional[Any] = None
         self.drain_seconds = settings.shutdown_timeout
         self._cut_drain: Optional[Callable[[], None]] = None
+        #: the master takes idle connections back (a rolling restart, not
+        #: its own shutdown): hand them back rather than close them
+        self.may_hand_back = False
         self.exit_status = ExitStatus.OK
         self.started: Deferred = Deferred()
 
@@ -171,7 +174,7 @@ class WorkerService(Service):
         requests in flight and a cron run in progress finish; then hooks."""
         if self.port is not None:
             await self.port.stopListening()
-        finishing = [self.site.drain()] if self.site is not None else []
+        finishing = [self.site.drain(self._hand_back())] if self.site is not None else []
         if self.cron is not None:
             finishing.append(self.cron.stop())
         in_time = await self._within_drain_deadline(DeferredList(finishing))
@@ -209,6 +212,13 @@ class WorkerService(Service):
             self._cut_drain = None
             if deadline.active():
                 deadline.cancel()
+
+    def _hand_back(self) -> Optional[Callable[[int], bool]]:
+        """Round-robin over plain TCP: idle connections go back to the master
+        (a TLS connection's state lives in this process; it is closed)."""
+        if not self.may_hand_back or self.settings.listen.startswith("ssl:"):
+            return None
+        return getattr(self.port, "hand_back", None)
 
     def hurry(self) -> None:
         """SIGQUIT: do not wait for the requests in flight, even if the

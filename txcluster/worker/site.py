@@ -18,13 +18,19 @@ reconnects there (L{txcluster.worker.locality.Locality}).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Set
+import os
+import socket
+from typing import Any, Callable, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+
+from twisted.logger import Logger
 
 from .access_log import AccessLog
 from .locality import Locality
@@ -34,6 +40,10 @@ from .stats import RequestStats
 #: How long a connection that has sent nothing yet may take to send its
 #: first request once draining has begun.
 FRESH_CONNECTION_GRACE = 1.0
+
+#: While draining, how often a connection whose response is still being
+#: written is looked at again, to hand it back once it is out.
+FLUSH_POLL_SECONDS = 0.005
 
 
 class DrainableChannel(http.HTTPChannel):
@@ -46,7 +56,8 @@ class DrainableChannel(http.HTTPChannel):
     def checkPersistence(self, request, version) -> bool:
         # Called once per request, when its headers are in.
         self.requests_started += 1
-        if self.site.draining or self._client_moved():
+        draining = self.site.draining and self.site.hand_back is None
+        if draining or self._client_moved():
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return super().checkPersistence(request, version)
@@ -60,23 +71,106 @@ class DrainableChannel(http.HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
-    def close_when_idle(self) -> None:
+    def close_when_idle(self, hand_back: Optional[HandBack] = None) -> None:
         """Close now if idle, else after the response in flight (or, for a
-        connection that has sent nothing yet, after its first request)."""
+        connection that has sent nothing yet, after its first request).
+
+        With C{hand_back} (round-robin, plain TCP), a connection between two
+        requests is handed back to the master instead, which passes it on
+        to another worker: the client's next request is answered there, and
+        never meets a connection closed under it."""
+        if not self.requests and hand_back is not None:
+            # Idle, or its last response is still being written.
+            self.transport.pauseProducing()
+            self._leave_when_flushed(hand_back)
+            return
         if not self.requests:
             if self.requests_started:
                 self.transport.loseConnection()
             else:
                 self.callLater(FRESH_CONNECTION_GRACE, self._close_if_still_silent)
             return
+        if hand_back is not None:
+            return  # handed back once its response is out (requestDone)
         self.persistent = False
         for request in self.requests:
             if not request.startedWriting:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
+    def _partial_request(self) -> bool:
+        """Has part of a next request been read already?  (Put back as it was.)"""
+        pending = self.clearLineBuffer()
+        if pending:
+            self.dataReceived(pending)
+        return bool(pending)
+
+    def _hand_back(self, hand_back: HandBack) -> bool:
+        """Give this idle connection's socket to the master, and forget it
+        here without closing it for the client; False if it is not idle
+        after all (part of a next request read already, or a response not
+        yet written), or the master cannot take it."""
+        transport = self.transport
+        if self._partial_request() or unsent_bytes(transport):
+            return False
+        fd = transport.fileno()
+        transport.stopReading()
+        transport.stopWriting()
+        if not hand_back(fd):
+            transport.startReading()
+            return False
+        # The master has its own copy now.  Twisted closes a connection
+        # with shutdown(), which would end it for the client too, so the
+        # descriptor number is pointed at a socket of no consequence first;
+        # then the transport is told it is gone.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as placeholder:
+            os.dup2(placeholder.fileno(), fd)
+        self.site.handed_back += 1
+        transport.connectionLost(Failure(ConnectionDone("handed back to the master")))
+        return True
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        if self.site.draining and self.site.hand_back is not None and not self.requests:
+            # Read nothing more here: the client's next request stays in the
+            # socket, and goes with it to the worker it is handed to.
+            self.transport.pauseProducing()
+            self._leave_when_flushed(self.site.hand_back)
+
+    def _leave_when_flushed(self, hand_back: HandBack) -> None:
+        """Draining: once the response just finished is written, hand the
+        connection back (or, if the master cannot take it, close it)."""
+        if self.requests or not self.transport.connected:
+            return  # a pipelined request started, or the client left
+        if unsent_bytes(self.transport):
+            self.callLater(FLUSH_POLL_SECONDS, self._leave_when_flushed, hand_back)
+            return
+        if self._hand_back(hand_back):
+            return
+        self.transport.resumeProducing()
+        if not self.requests and not self._partial_request():
+            self.transport.loseConnection()
+        # else a pipelined request is being read: handed back after it
+
     def _close_if_still_silent(self) -> None:
         if not self.requests and not self.requests_started and self.transport.connected:
             self.transport.loseConnection()
+
+
+log = Logger(namespace="txcluster.worker")
+
+#: hand_back(fd) gives a connection to the master: True if it took it.
+HandBack = Callable[[int], bool]
+
+
+def unsent_bytes(transport: Any) -> int:
+    """How many bytes Twisted still has to write on C{transport}.  Read from
+    C{abstract.FileDescriptor}'s buffers, which have no public accessor;
+    C{tests/test_worker_site.py} fails if they change, and an unknown
+    transport counts as having some (so it is never handed back)."""
+    try:
+        return (len(transport.dataBuffer) - transport.offset) + transport._tempDataLen
+    except AttributeError:
+        return 1
 
 
 class TimedRequest(Request):
@@ -111,6 +205,9 @@ class ClusterSite(Site):
         self.channels: Set[DrainableChannel] = set()
         self._drained: Optional[Deferred] = None
         self.access_log = access_log
+        #: while draining, how idle connections go back to the master
+        self.hand_back: Optional[HandBack] = None
+        self.handed_back = 0
         self.stats = RequestStats() if stats is None else stats
 
     def buildProtocol(self, addr) -> DrainableChannel:
@@ -124,15 +221,24 @@ class ClusterSite(Site):
             drained, self._drained = self._drained, None
             drained.callback(None)
 
-    def drain(self) -> Deferred:
-        """Stop keeping alive; fires when the last connection has closed."""
+    def drain(self, hand_back: Optional[HandBack] = None) -> Deferred:
+        """Stop keeping alive; fires when the last connection has closed
+        (or, with C{hand_back}, been handed back to the master)."""
         self.draining = True
         if not self.channels:
             return succeed(None)
-        self._drained = Deferred()
+        self._drained = drained = Deferred()  # fired as the last one closes,
+        self.hand_back = hand_back  # which may be within this loop
+        if hand_back is not None:
+            drained.addCallback(self._report_handed_back, len(self.channels))
         for channel in list(self.channels):
-            channel.close_when_idle()
-        return self._drained
+            channel.close_when_idle(hand_back)
+        return drained
+
+    def _report_handed_back(self, result: Any, open: int) -> Any:
+        log.info("drained: {handed} of {open} connections handed back to the master",
+                 handed=self.handed_back, open=open)
+        return result
 
     def abort(self) -> None:
         """Drop every connection still open (the drain took too long)."""
