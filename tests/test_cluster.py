@@ -186,7 +186,7 @@ class SingleProcessTests(ClusterTestCase):
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             cluster.signal(signum)
         cluster.wait_for_log("SIGTTOU .* ignored with --single")
-        self.assertEqual(cluster.get("/health")[0], 404)  # tests.apps has no /health
+        self.assertEqual(cluster.get("/nope")[0], 404)
         self.assertEqual(cluster.get("/")[0], 200)
         self.assertIsNone(cluster.process.poll())
 

@@ -6,6 +6,7 @@ orphans, hung workers, rolling restarts under load, scaling.
 import http.client
 import os
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -210,6 +211,39 @@ class RollingRestartTests(ClusterTestCase):
         self.assertEqual(set(pids[handover:]), {new})
         times = [float(line.split()[2]) for line in self.lines(cron)]
         self.assertGreater(times[handover], times[handover - 1])
+
+class ShutdownDelayTests(ClusterTestCase):
+    def test_health_answers_503_while_the_app_serves_then_connections_are_refused(self):
+        cluster = self.start(workers=2, args=["--shutdown-delay", "1.5"])
+        self.assertEqual(cluster.get("/health")[0], 200)
+        cluster.signal(signal.SIGTERM)
+        cluster.wait_for_log("health checks answer 503")
+        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(
+            cluster.get("/health")), 5, "503")
+        self.assertIn(b'"status": "draining"', body)
+        self.assertEqual(cluster.get("/")[0], 200)  # still served
+        self.assertEqual(cluster.wait_exit(20), 0)
+
+    def test_a_draining_cluster_refuses_new_connections_at_once(self):
+        cluster = self.start(workers=2, args=["--shutdown-timeout", "10"])
+        parts = urlsplit(cluster.url)
+        result = GracefulShutdownTests.slow_request(self, cluster, 3)
+        cluster.wait_for_log("slow request for 3.0s in flight")
+        cluster.signal(signal.SIGTERM)
+        cluster.wait_for_log("shutting down 2 workers")
+
+        def refused():
+            try:
+                socket.create_connection((parts.hostname, parts.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_until(refused, 2, "new connections refused while the drain goes on")
+        result["thread"].join(10)
+        self.assertEqual(result.get("status"), 200, result)
+        self.assertEqual(cluster.wait_exit(20), 0)
+
 
 class KeepAliveHandBackTests(ClusterTestCase):
     """Round-robin: a stopping worker hands its idle kept-alive connections

@@ -47,7 +47,12 @@ class LoadTests(ClusterTestCase):
 
 
 class KernelBalanceLoadTests(LoadTests):
+    """The workers race for each connection on the shared socket: even on
+    average (0.39-0.50 of 24 connections to the lesser in isolation), less
+    so on a loaded machine, but no worker is left out."""
+
     cluster_args = ("--balance", "kernel")
+    fairness = 0.2
 
 
 class CpuAffinityLoadTests(LoadTests):

@@ -255,3 +255,25 @@ class UnsentBytesTests(unittest.TestCase):
         self.assertEqual(unsent_bytes(descriptor), 19)
         self.assertEqual(unsent_bytes(object()), 1)  # unknown: never handed back
 
+
+class HealthTests(unittest.TestCase):
+    def ask(self, site, path=b"/health"):
+        channel, transport = connect(site)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        return transport.value()
+
+    def test_in_front_of_the_app_then_503_once_leaving(self):
+        site = ClusterSite(Fast(), Clock(), health="/health", worker_id=2)
+        response = self.ask(site)
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"))
+        self.assertIn(b'{"status": "ok", "worker": 2}', response)
+        site.leaving = True
+        response = self.ask(site)
+        self.assertTrue(response.startswith(b"HTTP/1.1 503"))
+        self.assertIn(b'{"status": "draining", "worker": 2}', response)
+        self.assertIn(b"ok", self.ask(site, b"/other"))  # the app still serves
+
+    def test_off(self):
+        site = ClusterSite(Fast(), Clock(), health="")
+        self.assertIn(b"\r\n\r\nok", self.ask(site))  # the app's own /health
+

@@ -136,6 +136,13 @@ def parse_access_log_format(text: str) -> str:
     return text
 
 
+def parse_health_path(text: str) -> str:
+    """A URL path, or empty (off)."""
+    if text and not text.startswith("/"):
+        raise BadValue("expected a path starting with /, or nothing (off)")
+    return text
+
+
 def parse_path(text: str) -> str:
     if not text:
         raise BadValue("expected a path")
@@ -235,6 +242,18 @@ SETTINGS: Sequence[Setting] = (
         "shutdown-timeout", "Seconds in-flight requests get to finish on shutdown.",
         default=30.0, parse=parse_seconds, metavar="S",
         env=(("TXCLUSTER_SHUTDOWN_TIMEOUT", parse_seconds),),
+    ),
+    Setting(
+        "shutdown-delay", "On SIGTERM, seconds during which health checks answer 503 "
+        "while requests are still served, before accepting stops.",
+        default=0.0, parse=parse_seconds, metavar="S",
+        env=(("TXCLUSTER_SHUTDOWN_DELAY", parse_seconds),),
+    ),
+    Setting(
+        "health", "Path every worker answers in front of the app: 200, or 503 once "
+        "it is shutting down; empty: off.",
+        default="/health", parse=parse_health_path, metavar="PATH",
+        env=(("TXCLUSTER_HEALTH", parse_health_path),),
     ),
     Setting(
         "timeout", "Seconds a worker may stay silent (no heartbeat) before it is "

@@ -44,6 +44,8 @@ class Settings:
     cpu_affinity: bool = False
     redis: Optional[str] = None
     shutdown_timeout: float = 30.0
+    shutdown_delay: float = 0.0
+    health: str = "/health"
     timeout: float = 30.0
     ready_timeout: float = 30.0
     respawn_delay: float = 2.0

@@ -41,6 +41,18 @@ class SingleProcessService(SignalledService):
         self.worker.started.addErrback(self._start_failed)
         self.worker.setServiceParent(self)
 
+    def stopService(self) -> Any:
+        # The socket this process bound: closed first, so that new
+        # connections are refused at once while the drain goes on.
+        handle = getattr(self.listening, "socket", None)
+        if handle is not None:
+            handle.close()
+        return super().stopService()
+
+    def announce_leaving(self) -> None:
+        if self.worker.site is not None:
+            self.worker.site.leaving = True
+
     def reopen_app_logs(self) -> None:
         if self.worker.site is not None:
             self.worker.site.reopen_access_log()

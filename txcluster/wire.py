@@ -210,6 +210,13 @@ class Goodbye(amp.Command):
     arguments = [(b"stats", amp.Unicode())]
 
 
+class Leaving(amp.Command):
+    """Master -> worker: the cluster shuts down soon (C{--shutdown-delay});
+    answer health checks with 503, and go on serving."""
+
+    requiresAnswer = False
+
+
 class WorkerCount(amp.Command):
     """Master -> worker: the cluster now has C{count} workers."""
 

@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IAddress, IProcessTransport, ITransport
 from zope.interface import implementer
 
 from ..wire import (
-    Failed, Goodbye, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
+    Failed, Goodbye, Heartbeat, Leaving, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
     WorkerStats,
 )
 
@@ -93,6 +93,9 @@ class MasterSide(QuietAMP):
 
     def start_cron(self) -> None:
         self.callRemote(StartCron)
+
+    def tell_leaving(self) -> None:
+        self.callRemote(Leaving)
 
     def tell_count(self, count: int) -> None:
         self.callRemote(WorkerCount, count=count)

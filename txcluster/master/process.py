@@ -64,6 +64,9 @@ class WorkerProcessProtocol(ProcessProtocol):
     def tell_count(self, count: int) -> None:
         self._control.tell_count(count)
 
+    def tell_leaving(self) -> None:
+        self._control.tell_leaving()
+
     def output_tail(self) -> List[str]:
         return self._tail.lines()
 

@@ -92,6 +92,7 @@ class SignalledService(MultiService):
         self.fast = False
         self._stop_requests = 0
         self._stopping = False
+        self._leaving = False
         self._log_file: Optional[Any] = None
 
     def startService(self) -> None:
@@ -169,18 +170,34 @@ class SignalledService(MultiService):
 
     def stop_gracefully(self) -> None:
         """As SIGTERM, but a repeat never escalates (C{txcluster stop})."""
-        if not self._stopping:
+        if not self._stopping and not self._leaving:
             log.info("graceful shutdown (txcluster stop)")
-        self.stop_reactor()
+        self._stop_after_delay()
 
     def request_stop(self) -> None:
         """SIGTERM or SIGINT: stop gracefully; a second one stops at once."""
         self._stop_requests += 1
         if self._stop_requests == 1:
             log.info("graceful shutdown (send SIGINT again to stop at once)")
-            self.stop_reactor()
+            self._stop_after_delay()
         else:
             self.stop_now()
+
+    def _stop_after_delay(self) -> None:
+        """C{--shutdown-delay}: health checks answer 503 while requests are
+        still served, so that a load balancer takes this host out first;
+        then accepting stops and the drain begins."""
+        delay = self.settings.shutdown_delay
+        if delay <= 0 or self._stopping or self._leaving:
+            self.stop_reactor()
+            return
+        self._leaving = True
+        log.info("health checks answer 503 for {delay}s, then the drain begins", delay=delay)
+        self.announce_leaving()
+        self.reactor.callLater(delay, self.stop_reactor)
+
+    def announce_leaving(self) -> None:
+        """Health checks answer 503 from now on."""
 
     def stop_reactor(self) -> None:
         """Stop the reactor once, whoever asks (signal, crash loop, failure)."""
@@ -242,6 +259,7 @@ class MasterService(SignalledService):
         self.systemd.stopping()
         if self.dispatcher is not None:
             self.dispatcher.close()
+        self.listeners.close()
         return self.supervisor.stop(fast=self.fast).addCallback(
             lambda _: log.info("all workers stopped; master exiting"))
 
@@ -271,6 +289,11 @@ class MasterService(SignalledService):
     def stop_now(self) -> None:
         log.warn("stopping now: killing all workers")
         self.supervisor.kill_all()
+
+    def announce_leaving(self) -> None:
+        for worker in self.supervisor.processes:
+            if worker.is_ready and worker.process is not None:
+                worker.process.tell_leaving()
 
     def reopen_app_logs(self) -> None:
         # Only workers that are serving have their SIGUSR1 handler for sure

@@ -53,6 +53,11 @@ class Listeners(Protocol):
     def release(self, worker_id: int) -> None:
         """Worker id C{worker_id} is gone for good (SIGTTOU)."""
 
+    def close(self) -> None:
+        """The master is stopping: close its copies, so that once the
+        workers have closed theirs new connections are refused at once
+        instead of waiting in a backlog nobody will accept from."""
+
 
 class SharedSocket:
     """One listening socket for every worker (round-robin, kernel)."""
@@ -69,6 +74,13 @@ class SharedSocket:
 
     def release(self, worker_id: int) -> None:
         pass
+
+    def close(self) -> None:
+        # Not stopListening(): a tcp.Port shuts its socket down, which
+        # would also stop the workers that share it from accepting.
+        handle = getattr(self.listening, "socket", None)
+        if handle is not None:
+            handle.close()
 
 
 def describe(port: IListeningPort) -> str:

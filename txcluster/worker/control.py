@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional
 from twisted.internet.defer import Deferred, succeed
 
 from ..wire import (
-    MAX_DETAILS, Failed, Goodbye, Heartbeat, QuietAMP, Ready, StartCron, Stopping, WorkerCount,
-    WorkerStats,
+    MAX_DETAILS, Failed, Goodbye, Heartbeat, Leaving, QuietAMP, Ready, StartCron, Stopping,
+    WorkerCount, WorkerStats,
 )
 
 
@@ -20,8 +20,10 @@ class WorkerSide(QuietAMP):
     """A worker's end of its channel to the master."""
 
     def __init__(self, on_start_cron: Callable[[], None], on_master_lost: Callable[[], None],
-                 on_count: Callable[[int], None]):
+                 on_count: Callable[[int], None],
+                 on_leaving: Callable[[], None] = lambda: None):
         super().__init__()
+        self._on_leaving = on_leaving
         self._on_start_cron = on_start_cron
         self._on_master_lost = on_master_lost
         self._on_count = on_count
@@ -29,6 +31,11 @@ class WorkerSide(QuietAMP):
     @StartCron.responder
     def start_cron(self) -> dict:
         self._on_start_cron()
+        return {}
+
+    @Leaving.responder
+    def leaving(self) -> dict:
+        self._on_leaving()
         return {}
 
     @WorkerCount.responder

@@ -69,7 +69,8 @@ class WorkerProcess:
         settings = environment.settings
         self.control = WorkerSide(on_start_cron=self._start_cron,
                                   on_master_lost=self.master_lost,
-                                  on_count=self._set_count)
+                                  on_count=self._set_count,
+                                  on_leaving=lambda: self.service.leaving())
         self.service = WorkerService(
             reactor, settings,
             WorkerInfo(id=environment.worker_id, count=environment.count, pid=os.getpid()),

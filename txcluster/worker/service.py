@@ -120,7 +120,8 @@ class WorkerService(Service):
                                    worker=self.info.id)
         self.site = ClusterSite(cluster.resource(), self.reactor, access_log,
                                 locality=self.locality,
-                                stats=RequestStats(detailed=bool(self.settings.metrics)))
+                                stats=RequestStats(detailed=bool(self.settings.metrics)),
+                                health=self.settings.health, worker_id=self.info.id)
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:
@@ -212,6 +213,12 @@ class WorkerService(Service):
             self._cut_drain = None
             if deadline.active():
                 deadline.cancel()
+
+    def leaving(self) -> None:
+        """C{--shutdown-delay}: from now on health checks answer 503; the
+        stop itself comes later."""
+        if self.site is not None:
+            self.site.leaving = True
 
     def _hand_back(self) -> Optional[Callable[[int], bool]]:
         """Round-robin over plain TCP: idle connections go back to the master

@@ -18,6 +18,7 @@ reconnects there (L{txcluster.worker.locality.Locality}).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any, Callable, Optional, Set
@@ -27,7 +28,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from twisted.logger import Logger
@@ -181,6 +182,27 @@ class TimedRequest(Request):
         self.received_at: float = channel.site.reactor.seconds()
 
 
+class HealthCheck(Resource):
+    """C{--health}: 200 C{{"status": "ok", "worker": ID}}, or 503 with
+    C{"draining"} once the worker is on its way out, so that a load
+    balancer stops sending it new clients first."""
+
+    isLeaf = True
+
+    def __init__(self, site: "ClusterSite", worker_id: int) -> None:
+        super().__init__()
+        self._site = site
+        self._worker_id = worker_id
+
+    def render(self, request: Any) -> bytes:
+        leaving = self._site.leaving or self._site.draining
+        request.setResponseCode(503 if leaving else 200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"status": "draining" if leaving else "ok",
+                           "worker": self._worker_id}).encode()
+
+
 class ClusterSite(Site):
     """
     A L{Site} that tracks its connections so it can drain them, times its
@@ -197,9 +219,15 @@ class ClusterSite(Site):
     def __init__(
         self, resource: IResource, reactor: IReactorTime,
         access_log: Optional[AccessLog] = None, locality: Optional[Locality] = None,
-        stats: Optional[RequestStats] = None,
+        stats: Optional[RequestStats] = None, health: str = "", worker_id: int = 1,
     ) -> None:
         super().__init__(resource, reactor=reactor)
+        #: answered in front of the app (C{--health}); b"": off
+        self.health_path = health.encode()
+        self._health = HealthCheck(self, worker_id)
+        #: on its way out (C{--shutdown-delay}): health checks answer 503,
+        #: requests are still served
+        self.leaving = False
         self.locality = locality
         self.draining = False
         self.channels: Set[DrainableChannel] = set()
@@ -209,6 +237,11 @@ class ClusterSite(Site):
         self.hand_back: Optional[HandBack] = None
         self.handed_back = 0
         self.stats = RequestStats() if stats is None else stats
+
+    def getResourceFor(self, request: Any) -> IResource:
+        if self.health_path and request.path == self.health_path:
+            return self._health
+        return super().getResourceFor(request)
 
     def buildProtocol(self, addr) -> DrainableChannel:
         channel = super().buildProtocol(addr)
