@@ -18,6 +18,16 @@ from txcluster.testing import Load, pid_alive, wait_until
 from .integration import ClusterTestCase
 
 
+def reload_under(load, cluster, requests):
+    """SIGHUP once C{load} has sent C{requests}; return once the new workers
+    have served C{requests} more."""
+    wait_until(lambda: load.sent >= requests, 20, "load on the old workers")
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_for_log("rolling restart done", timeout=60)
+    after_restart = load.sent
+    wait_until(lambda: load.sent >= after_restart + requests, 20, "load on the new workers")
+
+
 class RespawnAssertions:
     def assertRespawned(self, cluster, worker_id, old_pid, how):
         cluster.wait_for_log(rf"worker {worker_id} \(pid {old_pid}\) {how}")
@@ -171,11 +181,7 @@ class RollingRestartTests(ClusterTestCase):
         before = cluster.ready_workers()
         self.write_app(directory, "v2")
         with Load(cluster.url, close_clients=2, keepalive_clients=2) as load:
-            wait_until(lambda: load.sent >= 50, 20, "load on the old workers")
-            cluster.signal(signal.SIGHUP)
-            cluster.wait_for_log("rolling restart done", timeout=60)
-            after_restart = load.sent
-            wait_until(lambda: load.sent >= after_restart + 50, 20, "load on the new workers")
+            reload_under(load, cluster, 50)
         self.assertGreater(load.sent, 100)
         self.assertEqual(load.failed, 0, load.errors[:5])
         after = cluster.ready_workers()
@@ -253,11 +259,7 @@ class KeepAliveHandBackTests(ClusterTestCase):
     def test_sighup_closes_no_kept_alive_connection(self):
         cluster = self.start(app=None, workers=2)
         with Load(cluster.url, close_clients=0, keepalive_clients=6) as load:
-            wait_until(lambda: load.sent >= 100, 20, "load")
-            cluster.signal(signal.SIGHUP)
-            cluster.wait_for_log("rolling restart done", timeout=60)
-            done = load.sent
-            wait_until(lambda: load.sent >= done + 100, 20, "load on the new workers")
+            reload_under(load, cluster, 100)
         self.assertEqual((load.failed, load.retried), (0, 0), load.errors[:3])
         self.assertRegex(cluster.output, r"drained: [1-9]\d* of \d+ connections handed back")
 

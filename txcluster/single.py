@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from .app import WorkerInfo
 from .master.service import SignalledService
-from .master.sockets import bind, describe
+from .master.sockets import bind, close_our_copy, describe
 from .settings import Settings
 from .worker.listen import adopt
 from .worker.service import WorkerService
@@ -44,9 +44,7 @@ class SingleProcessService(SignalledService):
     def stopService(self) -> Any:
         # The socket this process bound: closed first, so that new
         # connections are refused at once while the drain goes on.
-        handle = getattr(self.listening, "socket", None)
-        if handle is not None:
-            handle.close()
+        close_our_copy(self.listening)
         return super().stopService()
 
     def announce_leaving(self) -> None:

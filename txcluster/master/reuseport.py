@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from ..cpus import SO_INCOMING_CPU
 from ..settings import REUSEPORT_ENDPOINTS
-from .sockets import NeverAccepts, StartupError, bind
+from .sockets import NeverAccepts, StartupError, bind, close_our_copy
 
 log = Logger(namespace="txcluster.master")
 
@@ -179,9 +179,7 @@ class ReusePortGroup:
         group when its worker has stopped listening too."""
         port = self._ports.pop(worker_id, None)
         if port is not None:
-            # Not stopListening(): a tcp.Port shuts its socket down, which
-            # would also refuse the connections queued for the worker.
-            port.socket.close()
+            close_our_copy(port)  # the worker's queued connections wait for it
 
     def close(self) -> None:
         for worker_id in list(self._ports):

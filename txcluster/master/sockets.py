@@ -76,11 +76,17 @@ class SharedSocket:
         pass
 
     def close(self) -> None:
-        # Not stopListening(): a tcp.Port shuts its socket down, which
-        # would also stop the workers that share it from accepting.
-        handle = getattr(self.listening, "socket", None)
-        if handle is not None:
-            handle.close()
+        close_our_copy(self.listening)
+
+
+def close_our_copy(port: IListeningPort) -> None:
+    """Close this process's copy of a listening socket that workers may
+    share.  Not C{stopListening()}: a C{tcp.Port} shuts its socket down,
+    which would also stop the others from accepting, and refuse what is
+    queued for them."""
+    handle = getattr(port, "socket", None)
+    if handle is not None:
+        handle.close()
 
 
 def describe(port: IListeningPort) -> str:

@@ -47,6 +47,23 @@ FRESH_CONNECTION_GRACE = 1.0
 FLUSH_POLL_SECONDS = 0.005
 
 
+log = Logger(namespace="txcluster.worker")
+
+#: hand_back(fd) gives a connection to the master: True if it took it.
+HandBack = Callable[[int], bool]
+
+
+def unsent_bytes(transport: Any) -> int:
+    """How many bytes Twisted still has to write on C{transport}.  Read from
+    C{abstract.FileDescriptor}'s buffers, which have no public accessor;
+    C{tests/test_worker_site.py} fails if they change, and an unknown
+    transport counts as having some (so it is never handed back)."""
+    try:
+        return (len(transport.dataBuffer) - transport.offset) + transport._tempDataLen
+    except AttributeError:
+        return 1
+
+
 class DrainableChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that stops keeping alive once its site drains,
     or once its client has moved to another worker's CPU."""
@@ -72,27 +89,24 @@ class DrainableChannel(http.HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
-    def close_when_idle(self, hand_back: Optional[HandBack] = None) -> None:
+    def close_when_idle(self) -> None:
         """Close now if idle, else after the response in flight (or, for a
         connection that has sent nothing yet, after its first request).
 
-        With C{hand_back} (round-robin, plain TCP), a connection between two
-        requests is handed back to the master instead, which passes it on
-        to another worker: the client's next request is answered there, and
-        never meets a connection closed under it."""
-        if not self.requests and hand_back is not None:
-            # Idle, or its last response is still being written.
-            self.transport.pauseProducing()
-            self._leave_when_flushed(hand_back)
-            return
+        With the site's C{hand_back} (round-robin, plain TCP), a connection
+        between two requests is handed back to the master instead, which
+        passes it on to another worker: the client's next request is
+        answered there, and never meets a connection closed under it."""
+        if self.site.hand_back is not None:
+            if not self.requests:  # idle, or its last response is being written
+                self._leave()
+            return  # else handed back once its response is out (requestDone)
         if not self.requests:
             if self.requests_started:
                 self.transport.loseConnection()
             else:
                 self.callLater(FRESH_CONNECTION_GRACE, self._close_if_still_silent)
             return
-        if hand_back is not None:
-            return  # handed back once its response is out (requestDone)
         self.persistent = False
         for request in self.requests:
             if not request.startedWriting:
@@ -106,18 +120,14 @@ class DrainableChannel(http.HTTPChannel):
         return bool(pending)
 
     def _hand_back(self, hand_back: HandBack) -> bool:
-        """Give this idle connection's socket to the master, and forget it
-        here without closing it for the client; False if it is not idle
-        after all (part of a next request read already, or a response not
-        yet written), or the master cannot take it."""
+        """Give this idle, flushed connection's socket to the master, and
+        forget it here without closing it for the client; False if the
+        master cannot take it."""
         transport = self.transport
-        if self._partial_request() or unsent_bytes(transport):
-            return False
         fd = transport.fileno()
         transport.stopReading()
         transport.stopWriting()
         if not hand_back(fd):
-            transport.startReading()
             return False
         # The master has its own copy now.  Twisted closes a connection
         # with shutdown(), which would end it for the client too, so the
@@ -132,46 +142,32 @@ class DrainableChannel(http.HTTPChannel):
     def requestDone(self, request) -> None:
         super().requestDone(request)
         if self.site.draining and self.site.hand_back is not None and not self.requests:
-            # Read nothing more here: the client's next request stays in the
-            # socket, and goes with it to the worker it is handed to.
-            self.transport.pauseProducing()
-            self._leave_when_flushed(self.site.hand_back)
+            self._leave()
 
-    def _leave_when_flushed(self, hand_back: HandBack) -> None:
-        """Draining: once the response just finished is written, hand the
-        connection back (or, if the master cannot take it, close it)."""
+    def _leave(self) -> None:
+        """Draining, between two requests: read nothing more here (the
+        client's next request stays in the socket, and goes with it to the
+        worker it is handed to), and hand the connection back once the
+        last response is written."""
+        self.transport.pauseProducing()
+        self._leave_when_flushed()
+
+    def _leave_when_flushed(self) -> None:
         if self.requests or not self.transport.connected:
             return  # a pipelined request started, or the client left
         if unsent_bytes(self.transport):
-            self.callLater(FLUSH_POLL_SECONDS, self._leave_when_flushed, hand_back)
+            self.callLater(FLUSH_POLL_SECONDS, self._leave_when_flushed)
             return
-        if self._hand_back(hand_back):
+        if self._partial_request():  # finish reading it here: handed back after it
+            self.transport.resumeProducing()
             return
-        self.transport.resumeProducing()
-        if not self.requests and not self._partial_request():
-            self.transport.loseConnection()
-        # else a pipelined request is being read: handed back after it
+        hand_back = self.site.hand_back
+        if hand_back is None or not self._hand_back(hand_back):
+            self.transport.loseConnection()  # the master cannot take it
 
     def _close_if_still_silent(self) -> None:
         if not self.requests and not self.requests_started and self.transport.connected:
             self.transport.loseConnection()
-
-
-log = Logger(namespace="txcluster.worker")
-
-#: hand_back(fd) gives a connection to the master: True if it took it.
-HandBack = Callable[[int], bool]
-
-
-def unsent_bytes(transport: Any) -> int:
-    """How many bytes Twisted still has to write on C{transport}.  Read from
-    C{abstract.FileDescriptor}'s buffers, which have no public accessor;
-    C{tests/test_worker_site.py} fails if they change, and an unknown
-    transport counts as having some (so it is never handed back)."""
-    try:
-        return (len(transport.dataBuffer) - transport.offset) + transport._tempDataLen
-    except AttributeError:
-        return 1
 
 
 class TimedRequest(Request):
@@ -265,7 +261,7 @@ class ClusterSite(Site):
         if hand_back is not None:
             drained.addCallback(self._report_handed_back, len(self.channels))
         for channel in list(self.channels):
-            channel.close_when_idle(hand_back)
+            channel.close_when_idle()
         return drained
 
     def _report_handed_back(self, result: Any, open: int) -> Any:
