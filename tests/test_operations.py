@@ -270,6 +270,24 @@ class ControlTests(ClusterTestCase):
         self.assertFalse(pid_alive(cluster.pid))
         self.assertFalse(os.path.exists(control))
 
+    def test_a_reload_that_fails_names_the_worker(self):
+        directory = self.directory()
+        app = os.path.join(directory, "reloaded_app.py")
+        with open(app, "w") as f:
+            f.write("from klein import Klein\nweb = Klein()\n")
+        control = self.path("control.sock")
+        self.start("reloaded_app:web", workers=2, cwd=directory, args=["--control", control])
+        with open(app, "w") as f:
+            f.write("raise RuntimeError('the new code is broken')\n")
+        cache = os.path.join(directory, "__pycache__")  # the new source must be read
+        for name in os.listdir(cache) if os.path.isdir(cache) else []:
+            os.remove(os.path.join(cache, name))
+        result = self.command("--control", control, "reload")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertRegex(result.stderr, r"worker 1 \(pid \d+\) exited with status 4")
+        self.assertIn("the new code is broken", result.stderr)
+
     def test_a_live_socket_is_refused_and_a_stale_one_replaced(self):
         control = self.path("control.sock")
         self.start(workers=1, args=["--control", control])
