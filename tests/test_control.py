@@ -10,13 +10,13 @@ import socket
 import stat
 import tempfile
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.amp import AMP
 from twisted.trial import unittest
 
-from txcluster.cli import _one_line, parse, status_table
+from txcluster.cli import _exited, _one_line, parse, status_table
 from txcluster.control import ControlError, Reload, Scale, Status, Stop
 from txcluster.master.control import ControlProtocol, take_over_stale_socket
 from txcluster.master.sockets import StartupError
@@ -166,3 +166,43 @@ class SocketFileTests(unittest.TestCase):
         port = listen_control(reactor, self.path, ControlFactory(FakeMaster()))
         self.addCleanup(port.stopListening)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+
+class StopWaitsForTheMasterToExitTests(unittest.TestCase):
+    """C{txcluster stop} returns once the master process is gone, not when
+    its reactor closes the control connection (twistd still has work to do
+    after that: the pid file, the logs, the interpreter's exit)."""
+
+    def client(self, pid):
+        client = type("Client", (), {})()
+        client.closed = Deferred()
+        client.peer_pid = pid
+        return client
+
+    def test_waits_for_the_process_after_the_connection_closes(self):
+        import subprocess
+        import sys
+
+        clock = Clock()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        client = self.client(child.pid)
+        done = []
+        ensureDeferred(_exited(clock, client, 10)).addCallback(done.append)
+        client.closed.callback(None)
+        clock.advance(1)
+        self.assertEqual(done, [])
+        child.kill()
+        child.wait()
+        clock.advance(0.02)
+        self.assertEqual(done, [True])
+
+    def test_gives_up_at_the_timeout(self):
+        clock = Clock()
+        client = self.client(os.getpid())
+        done = []
+        ensureDeferred(_exited(clock, client, 10)).addCallback(done.append)
+        client.closed.callback(None)
+        clock.pump([0.02] * 501)
+        self.assertEqual(done, [False])

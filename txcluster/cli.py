@@ -82,9 +82,22 @@ def status_table(status: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def running(pid: int) -> bool:
+    """True while C{pid} runs (a zombie, waiting for its parent, has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def _client() -> Any:
-    """An AMP client that knows when the master has closed its end: the
-    master holds its control connections until it exits."""
+    """An AMP client that knows when the master has closed its end, and
+    which process that was (C{SO_PEERCRED} gives its pid as this process
+    sees it, whatever pid namespace the master runs in)."""
+    import socket
+    import struct
+
     from twisted.internet.defer import Deferred
     from twisted.protocols.amp import AMP
 
@@ -92,6 +105,13 @@ def _client() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.closed: Deferred = Deferred()
+            self.peer_pid: Optional[int] = None
+
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            credentials = self.transport.getHandle().getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            self.peer_pid = struct.unpack("3i", credentials)[0]
 
         def connectionLost(self, reason: Any) -> None:
             super().connectionLost(reason)
@@ -130,12 +150,27 @@ async def _command(reactor: Any, client: Any, options: argparse.Namespace,
         out.append("every worker replaced")
     elif options.command == "stop":
         pid = (await ask(Stop))["pid"]
-        try:
-            await client.closed.addTimeout(options.timeout, reactor)
-        except Exception:
+        if not await _exited(reactor, client, options.timeout):
             raise ControlError(f"master (pid {pid}) still running after "
-                               f"{options.timeout:.0f}s") from None
+                               f"{options.timeout:.0f}s")
         out.append(f"master (pid {pid}) stopped")
+
+
+async def _exited(reactor: Any, client: Any, timeout: float) -> bool:
+    """Wait for the master to close the control connection, which its
+    reactor does as it shuts down, and then for the process to be gone."""
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    try:
+        await client.closed.addTimeout(timeout, reactor)
+    except Exception:
+        return False
+    while client.peer_pid is not None and running(client.peer_pid):
+        if reactor.seconds() >= deadline:
+            return False
+        await deferLater(reactor, 0.02, lambda: None)
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

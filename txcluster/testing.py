@@ -44,6 +44,8 @@ from collections import Counter
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import urlsplit
 
+from .cli import running as pid_alive
+
 __all__ = [
     "ClusterTimeout", "Load", "LoadThread", "RunningCluster", "clean_environment",
     "eventually", "pid_alive", "start_cluster", "twistd_command", "wait_until",
@@ -115,15 +117,6 @@ async def eventually(
     while not (result := _check(condition, deadline, timeout, what, describe)):
         await deferLater(reactor, interval, lambda: None)
     return result
-
-
-def pid_alive(pid: int) -> bool:
-    """True while C{pid} runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 #: Run argv[2:] with the socket on descriptor argv[1] passed the way
