@@ -8,7 +8,9 @@ from typing import Any, Callable, List
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -18,7 +20,7 @@ from txcluster.testing import eventually as _eventually
 from txcluster.cron import CronService
 from txcluster.redis import (
     RedisConfig, RedisLease, RedisSetupError, connect, connected, disconnect,
-    lease_seconds, parse_redis_url,
+    fenced_set, lease_seconds, parse_redis_url,
 )
 
 from .redis_server import start_redis
@@ -275,52 +277,80 @@ class LeaseTests(RedisTestCase):
         self.b = RedisLease(await self.connect(), reactor)
         self.runs: List[tuple] = []
 
-        def job():
+        def job(lease):
             pass
 
         self.spec = CronSpec(job, self.INTERVAL, lock=True)
 
-    def run_as(self, name: str, seconds: float = 0) -> Callable[[], Deferred]:
-        """A run that records who ran it, and takes C{seconds}."""
-        def run() -> Deferred:
-            self.runs.append((name, time.monotonic()))
+    def run_as(self, name: str, seconds: float = 0) -> Callable[[Any], Deferred]:
+        """A run that records who ran it, with which lease, and takes C{seconds}."""
+        def run(lease) -> Deferred:
+            self.runs.append((name, time.monotonic(), lease))
             return succeed(None) if not seconds else sleep(seconds)
         return run
 
     def who(self) -> List[str]:
-        return [name for name, _ in self.runs]
+        return [name for name, _, _ in self.runs]
+
+    def value(self) -> str:
+        return self.server.command("GET", self.a.key(self.spec)).decode()
 
     def test_lease_lasts_interval_and_a_half_at_most_plus_a_minute(self):
         self.assertEqual(lease_seconds(0.3), 0.3 + 0.15)
         self.assertEqual(lease_seconds(60), 90)
         self.assertEqual(lease_seconds(3600), 3660)
 
-    def test_key_and_tokens(self):
+    def test_key_and_holders(self):
         self.assertEqual(self.a.key(self.spec), "txcluster:cron:" + self.spec.name)
-        self.assertNotEqual(self.a.token, self.b.token)
-        self.assertEqual(RedisLease(None, reactor, token_factory=lambda: "me").token, "me")
+        self.assertNotEqual(self.a.holder, self.b.holder)
+        self.assertEqual(RedisLease(None, reactor, holder_factory=lambda: "me").holder, "me")
 
     async def test_one_guard_runs_per_tick(self):
         for tick in range(4):
             results = await DeferredList([self.a(self.spec, self.run_as("a")),
                                           self.b(self.spec, self.run_as("b"))],
                                          fireOnOneErrback=True)
-            self.assertEqual([r for _, r in results], [None, None])
             self.assertEqual(len(self.runs), tick + 1)
+            self.assertEqual(sum(r is None for _, r in results), 1)  # the holder's
             await sleep(self.INTERVAL)
-        holder = self.server.command("GET", self.a.key(self.spec)).decode()
-        self.assertIn(holder, (self.a.token, self.b.token))
+        token, holder = self.value().split(" ")
+        self.assertIn(holder, (self.a.holder, self.b.holder))
         self.assertLessEqual(self.server.command("PTTL", self.a.key(self.spec)), 450)
 
-    async def test_holder_keeps_it_and_others_skip_while_it_lives(self):
+    async def test_the_holder_keeps_its_token_from_tick_to_tick(self):
         await self.a(self.spec, self.run_as("a"))
-        for _ in range(2):
-            await sleep(self.INTERVAL / 3)
-            await self.b(self.spec, self.run_as("b"))
-        await sleep(self.INTERVAL / 3)
-        await self.a(self.spec, self.run_as("a"))  # its next tick: still its lease
+        await self.a(self.spec, self.run_as("a"))
+        first, second = (lease for _, _, lease in self.runs)
+        self.assertIs(first, second)
+        self.assertEqual(self.value(), f"{first.token} {self.a.holder}")
+        self.assertEqual(first.job, self.spec.name)
+
+    async def test_every_acquisition_has_a_higher_token_across_jobs(self):
+        def other(lease):
+            pass
+
+        other_spec = CronSpec(other, self.INTERVAL, lock=True)
+        await self.a(self.spec, self.run_as("a"))
+        await self.b(other_spec, self.run_as("b"))
+        await self.a.release()
         await self.b(self.spec, self.run_as("b"))
-        self.assertEqual(self.who(), ["a", "a"])
+        tokens = [lease.token for _, _, lease in self.runs]
+        self.assertEqual(tokens, sorted(set(tokens)))
+        self.assertEqual(int(self.server.command("GET", "txcluster:fencing-token")), tokens[-1])
+
+    async def test_a_guard_that_finds_it_held_tries_again_after_the_holders_next_tick(self):
+        await self.a(self.spec, self.run_as("a"))
+        retry_in = await self.b(self.spec, self.run_as("b"))
+        # the holder's next tick is one interval after its run; a little later
+        self.assertLess(abs(retry_in - (self.INTERVAL + self.INTERVAL / 20)), 0.05, retry_in)
+        self.assertEqual(self.who(), ["a"])
+
+    def test_next_attempt(self):
+        # held for more than the grace: just after the holder's next tick
+        self.assertAlmostEqual(self.a._next_attempt(CronSpec(None, 60), 80), 50.1)
+        # no more than the grace: the holder is late; as the lease expires
+        self.assertAlmostEqual(self.a._next_attempt(CronSpec(None, 60), 20), 20.1)
+        self.assertAlmostEqual(self.a._next_attempt(CronSpec(None, 1), 0.2), 0.25)
 
     async def test_another_guard_takes_over_once_the_lease_expires(self):
         before = time.monotonic()
@@ -334,6 +364,22 @@ class LeaseTests(RedisTestCase):
         self.assertGreaterEqual(taken_over_after, lease_seconds(self.INTERVAL) - 0.02)
         await self.a(self.spec, self.run_as("a"))  # now a skips
         self.assertEqual(self.who(), ["a", "b"])
+        self.assertGreater(self.runs[1][2].token, self.runs[0][2].token)
+
+    async def test_a_released_lease_is_taken_at_once(self):
+        await self.a(self.spec, self.run_as("a"))
+        await self.a.release()
+        self.assertEqual(self.server.command("EXISTS", self.a.key(self.spec)), 0)
+        self.assertIsNone(await self.b(self.spec, self.run_as("b")))
+        self.assertEqual(self.who(), ["a", "b"])
+        await self.a.release()  # holds nothing now: harmless
+        self.assertEqual(self.value().split(" ")[1], self.b.holder)
+
+    async def test_release_leaves_a_lease_taken_meanwhile_alone(self):
+        await self.a(self.spec, self.run_as("a"))
+        self.server.command("SET", self.a.key(self.spec), "99 someone-else")
+        await self.a.release()
+        self.assertEqual(self.value(), "99 someone-else")
 
     async def test_long_run_renews_its_lease(self):
         long_run = self.a(self.spec, self.run_as("a", seconds=4 * self.INTERVAL))
@@ -341,25 +387,41 @@ class LeaseTests(RedisTestCase):
             await self.b(self.spec, self.run_as("b"))
             await sleep(0.1)
         self.assertEqual(self.who(), ["a"])
+        self.assertFalse(self.runs[0][2].lost)
         deadline = time.monotonic() + 5
         while "b" not in self.who() and time.monotonic() < deadline:
             await sleep(0.05)
             await self.b(self.spec, self.run_as("b"))
         self.assertEqual(self.who(), ["a", "b"])  # and it is free once the run ends
 
+    async def test_a_renewal_never_takes_a_lost_lease_back(self):
+        long_run = self.a(self.spec, self.run_as("a", seconds=2 * self.INTERVAL))
+        await eventually(lambda: self.runs, "the run to start")
+        self.server.command("SET", self.a.key(self.spec), "99 someone-else", "PX", 5000)
+        await long_run
+        lease = self.runs[0][2]
+        self.assertTrue(lease.lost)
+        self.assertEqual(self.value(), "99 someone-else")
+        [error] = self.lines(LogLevel.error)
+        self.assertIn(f"cron job {self.spec.name}: could not renew its Redis lease", error)
+        self.assertIn("another host took it", error)
+        self.assertIn(str(lease.token), error)
+        self.assertEqual(self.a.held, {})
+
     async def test_failing_run_fails_the_guard_and_keeps_the_lease(self):
-        def run():
+        def run(lease):
             raise ZeroDivisionError()
 
-        await self.assertFailure(self.a(self.spec, run), ZeroDivisionError)
-        self.assertEqual(self.server.command("GET", self.a.key(self.spec)).decode(),
-                         self.a.token)
+        await self.assertFailure(self.a(self.spec, lambda lease: maybeDeferred(run, lease)),
+                                 ZeroDivisionError)
+        self.assertTrue(self.value().endswith(" " + self.a.holder))
 
     async def test_unlocked_job_runs_unguarded(self):
         spec = CronSpec(self.spec.job, self.INTERVAL, lock=False)
         await self.a(spec, self.run_as("a"))
         await self.b(spec, self.run_as("b"))
         self.assertEqual(self.who(), ["a", "b"])
+        self.assertEqual([lease for _, _, lease in self.runs], [None, None])
         self.assertEqual(self.server.command("EXISTS", self.a.key(spec)), 0)
 
     async def test_skipped_without_error_while_redis_is_down(self):
@@ -400,3 +462,29 @@ class LeaseTests(RedisTestCase):
         self.assertGreaterEqual(sum(runs), 3, runs)
         self.assertLessEqual(sum(runs), ticks, runs)
         self.assertEqual([service.jobs[0].failures for service in services], [0, 0])
+        self.assertEqual(self.server.command("EXISTS", self.a.key(self.spec)), 0)  # released
+
+    async def test_a_job_in_a_thread_keeps_its_lease_while_it_blocks(self):
+        def blocking(lease):
+            time.sleep(4 * self.INTERVAL)  # the reactor goes on: renewals too
+            blocked.append(lease)
+
+        blocked: List[Any] = []
+        spec = CronSpec(blocking, self.INTERVAL, lock=True, thread=True)
+        service = CronService([spec], reactor, guard=self.a)
+        service.start()
+        await eventually(lambda: blocked, "the blocking run to end")
+        await service.stop()
+        self.assertFalse(blocked[0].lost)
+        self.assertEqual(self.lines(LogLevel.error), [])
+
+
+class FencedSetTests(RedisTestCase):
+    async def test_a_write_with_an_older_token_is_refused(self):
+        redis = await self.connect()
+        self.assertTrue(await fenced_set(redis, "report", "from 5", 5))
+        self.assertTrue(await fenced_set(redis, "report", "from 7", 7))
+        self.assertFalse(await fenced_set(redis, "report", "late from 5", 5))
+        self.assertTrue(await fenced_set(redis, "report", "again from 7", 7))
+        self.assertEqual(await redis.get("report"), "again from 7")
+        self.assertEqual(await redis.get("report:fence"), 7)  # txredisapi reads numbers

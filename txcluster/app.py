@@ -21,14 +21,15 @@ from twisted.web.resource import IResource
 from .wire import WORKER_ID_VARIABLE, WORKERS_VARIABLE
 
 #: A hook or job: a plain function, one returning a Deferred, or ``async def``.
-Job = Callable[[], Union[None, Deferred, Awaitable[Any]]]
+#: A cron job may take one argument: its lease (see L{CronSpec.takes_lease}).
+Job = Callable[..., Union[None, Deferred, Awaitable[Any]]]
 
 
-def call_job(job: Job) -> Deferred:
+def call_job(job: Job, *args: Any) -> Deferred:
     """Run a hook or cron job, whatever it returns, as a Deferred."""
 
     def call() -> Any:
-        result = job()
+        result = job(*args)
         if inspect.isawaitable(result) and not isinstance(result, Deferred):
             return ensureDeferred(result)
         return result
@@ -55,15 +56,37 @@ class WorkerInfo:
 
 @attr.s(frozen=True, auto_attribs=True)
 class CronSpec:
-    """A job that runs every C{seconds} in one worker only."""
+    """
+    A job that runs every C{seconds} in one worker only.
+
+    @ivar lock: once per tick across every host sharing the Redis of C{--redis}.
+    @ivar thread: run it in the reactor's thread pool, for a job that blocks
+        (the reactor goes on serving requests and renewing the lease).
+    """
 
     job: Job
     seconds: float
     lock: bool = False
+    thread: bool = False
 
     @property
     def name(self) -> str:
         return getattr(self.job, "__qualname__", repr(self.job))
+
+    @property
+    def takes_lease(self) -> bool:
+        """A job with one parameter is passed its lease (C{None} when it
+        runs without one), whose C{.token} fences its writes."""
+        return _positional_parameters(self.job) == 1
+
+
+def _positional_parameters(job: Job) -> int:
+    try:
+        parameters = inspect.signature(job).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return 0
+    return sum(1 for p in parameters if p.default is p.empty
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 class Cluster:
@@ -91,13 +114,22 @@ class Cluster:
             return self.web.resource()
         return IResource(self.web)
 
-    def cron(self, seconds: float, lock: bool = False) -> Callable[[Job], Job]:
-        """Decorator: run the job every C{seconds}, in worker 1 only."""
+    def cron(self, seconds: float, lock: bool = False,
+             thread: bool = False) -> Callable[[Job], Job]:
+        """Decorator: run the job every C{seconds}, in worker 1 only; see
+        L{CronSpec} for C{lock} and C{thread}."""
         if not seconds > 0:
             raise ValueError(f"cron interval must be positive, not {seconds!r}")
 
         def register(job: Job) -> Job:
-            self.cron_jobs.append(CronSpec(job, float(seconds), lock))
+            spec = CronSpec(job, float(seconds), lock, thread)
+            if _positional_parameters(job) > 1:
+                raise ValueError(f"cron job {spec.name} takes at most one argument "
+                                 f"(its lease), not {_positional_parameters(job)}")
+            if thread and inspect.iscoroutinefunction(job):
+                raise ValueError(f"cron job {spec.name} is async def: it needs no "
+                                 f"thread=True (that is for functions that block)")
+            self.cron_jobs.append(spec)
             return job
 
         return register

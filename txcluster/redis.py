@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set
 
+import attr
 import txredisapi
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -34,8 +35,8 @@ if TYPE_CHECKING:  # the master imports nothing of the app's side
     from .app import CronSpec
 
 __all__ = [
-    "RedisConfig", "RedisConnection", "RedisLease", "RedisSetupError",
-    "connect", "connected", "disconnect", "parse_redis_url",
+    "Lease", "RedisConfig", "RedisConnection", "RedisLease", "RedisSetupError",
+    "connect", "connected", "disconnect", "fenced_set", "parse_redis_url",
 ]
 
 log = Logger(namespace="txcluster.redis")
@@ -183,14 +184,52 @@ async def disconnect(connection: RedisConnection) -> None:
 
 # Cron lease ----------------------------------------------------------------
 
-#: Take the lease if it is free or already ours, for ARGV[2] milliseconds.
+#: Take the lease KEYS[1] for holder ARGV[1], for ARGV[2] milliseconds: if it
+#: is free, with a new fencing token from the counter KEYS[2]; if it is
+#: already ours, keeping its token.  Returns the token, or minus the
+#: milliseconds the other holder's lease still lasts.  The value is
+#: "TOKEN HOLDER", readable with GET.
 _ACQUIRE = """
-local holder = redis.call('get', KEYS[1])
-if holder == false or holder == ARGV[1] then
-    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
+local value = redis.call('get', KEYS[1])
+if value then
+    local token, holder = string.match(value, '^(%d+) (.+)$')
+    if holder == ARGV[1] then
+        redis.call('pexpire', KEYS[1], ARGV[2])
+        return tonumber(token)
+    end
+    return -math.max(redis.call('pttl', KEYS[1]), 1)
+end
+local token = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], token .. ' ' .. ARGV[1], 'PX', ARGV[2])
+return token
+"""
+
+#: Extend the lease KEYS[1] by ARGV[2] ms if it still is ARGV[1]: 1, else 0.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+#: Delete the lease KEYS[1] if it still is ARGV[1]: 1, else 0.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+#: Set KEYS[1] to ARGV[1] unless a write with a higher token came first:
+#: the token of the last write is kept in KEYS[1] .. ':fence'.
+_FENCED_SET = """
+local last = tonumber(redis.call('get', KEYS[1] .. ':fence') or '0')
+if tonumber(ARGV[2]) < last then
+    return 0
+end
+redis.call('set', KEYS[1] .. ':fence', ARGV[2])
+redis.call('set', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -205,9 +244,42 @@ def lease_seconds(interval: float) -> float:
     return interval + min(interval / 2, 60.0)
 
 
-def random_token() -> str:
+def random_holder() -> str:
     """Who holds a lease, readable with C{GET}: host, pid, and random bits."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+
+
+@attr.s(auto_attribs=True)
+class Lease:
+    """
+    What a locked cron job is passed (if it takes one argument): the lease
+    this run holds.
+
+    @ivar token: the fencing token, from a counter that only grows across
+        the whole Redis: a later holder always has a higher one.  Fence
+        writes with it (L{fenced_set}, or C{UPDATE ... WHERE token <= ?}),
+        so that a holder that lost its lease unknowingly cannot overwrite a
+        later holder's work.
+    @ivar lost: set once a renewal found the lease gone or taken.
+    """
+
+    job: str
+    token: int
+    holder: str
+    lost: bool = False
+
+    @property
+    def value(self) -> str:
+        return f"{self.token} {self.holder}"
+
+
+async def fenced_set(redis: RedisConnection, key: str, value: Any, token: int) -> bool:
+    """
+    Set C{key} to C{value} unless a write fenced by a higher token came
+    first; False if it was refused.  The write's token is kept in
+    C{key:fence}.
+    """
+    return await redis.eval(_FENCED_SET, [key], [value, token]) == 1
 
 
 class _Unreachable(Exception):
@@ -221,31 +293,28 @@ class RedisLease:
     Jobs without C{lock} run unguarded.
 
     Before each run, the guard takes the key C{txcluster:cron:<job
-    qualname>} with its own token (random per guard, i.e. per worker
-    process) for L{lease_seconds} of the interval, in one Lua script: the
-    key is set if it is free I{or already ours}.  The lease is never
-    released: the holder keeps it tick after tick, and the other hosts skip
-    their ticks while it lives.  While a run lasts longer than a third of
-    the lease, the lease is renewed.
+    qualname>} for L{lease_seconds} of the interval, in one Lua script: if
+    it is free, with a new fencing token (C{INCR txcluster:fencing-token});
+    if it is already this guard's (one per worker process), keeping it.
+    While the run lasts, the lease is renewed every third of its length
+    (a renewal never takes a lease back: one that was lost stays lost, and
+    is logged).  The holder keeps the lease from tick to tick, and gives it
+    up when its worker stops gracefully.
+
+    A guard that finds the lease held elsewhere tries again just after the
+    holder's next tick is due (or, if that tick is late, as the lease
+    expires) rather than at its own next tick: so a released lease is taken
+    on time, and a dead holder's within one lease period.
 
     Guarantees, while Redis keeps its keys:
-     - over all hosts, at most one run of a job starts per interval: the
-       holder runs on its own schedule, another host only once the lease
-       has expired, more than one interval after the holder's last tick;
-     - runs do not overlap while the holder can reach Redis to renew;
-     - a holder that dies or loses Redis is replaced at another host's
-       first tick after the lease expired: at most 2.5 intervals (two
-       intervals plus a minute for long ones) after its last tick.
-
-    Not guaranteed:
-     - this is no fencing token: a holder whose renewal cannot reach Redis,
-       or whose reactor stalls for longer than the lease, keeps running
-       while another host starts the same job;
-     - a Redis restart without persistence, or a failover to a replica that
-       missed the write, forgets the lease, so one interval may run twice;
-     - a tick whose Redis reply is late (C{timeout}) is skipped.
-    Hosts' wall clocks do not matter: the lease lasts a relative time kept
-    by the Redis server alone.
+     - over all hosts, at most one run of a job starts per interval;
+     - runs do not overlap while the holder can reach Redis to renew and
+       its reactor is not blocked (run blocking jobs with C{thread=True});
+     - when they do overlap, the later run has the higher fencing token.
+    Not guaranteed: a Redis restart without persistence, or a failover to a
+    replica that missed the write, forgets the lease (the counter too:
+    persist it, or fence with a token of your own).  Hosts' wall clocks do
+    not matter: only the Redis server's time is used.
 
     If Redis is unreachable, or does not answer within C{timeout} seconds,
     the run is skipped and logged (a warning the first time, until Redis
@@ -255,78 +324,112 @@ class RedisLease:
 
     def __init__(
         self, redis: RedisConnection, clock: IReactorTime,
-        token_factory: Callable[[], str] = random_token,
-        prefix: str = "txcluster:cron:", timeout: float = 5.0,
+        holder_factory: Callable[[], str] = random_holder,
+        prefix: str = "txcluster:cron:", fence_key: str = "txcluster:fencing-token",
+        timeout: float = 5.0,
     ) -> None:
         self.redis = redis
         self.clock = clock
-        self.token = token_factory()
+        self.holder = holder_factory()
         self.prefix = prefix
+        self.fence_key = fence_key
         self.timeout = timeout
+        self.held: Dict[str, Lease] = {}
         self._unreachable: Set[str] = set()
 
     def key(self, spec: "CronSpec") -> str:
         return self.prefix + spec.name
 
-    def __call__(self, spec: "CronSpec", run: Callable[[], Deferred]) -> Deferred:
+    def __call__(self, spec: "CronSpec", run: Callable[[Any], Deferred]) -> Deferred:
         if not spec.lock:
-            return run()
+            return run(None).addCallback(lambda _: None)
         return ensureDeferred(self._guarded(spec, run))
 
-    async def _guarded(self, spec: "CronSpec", run: Callable[[], Deferred]) -> None:
+    async def _guarded(self, spec: "CronSpec",
+                       run: Callable[[Any], Deferred]) -> Optional[float]:
         try:
-            held = await self._take(spec)
+            answer = await self._ask(_ACQUIRE, spec, [self.key(spec), self.fence_key],
+                                     self.holder)
         except _Unreachable as e:
             if spec.name not in self._unreachable:
                 self._unreachable.add(spec.name)
                 log.warn("cron job {job} skipped: Redis unreachable ({why}); "
                          "skipping its runs until Redis answers", job=spec.name, why=e)
-            else:
-                log.debug("cron job {job} skipped: Redis unreachable", job=spec.name)
-            return
+            return None
         except Exception:
             log.failure("cron job {job} skipped: taking its Redis lease failed",
                         job=spec.name)
-            return
-        self._unreachable.discard(spec.name)
-        if not held:
-            log.debug("cron job {job} skipped: its lease is held elsewhere",
-                      job=spec.name)
-            return
-        warned = False
-
-        async def renew() -> None:
-            nonlocal warned
-            try:
-                problem = None if await self._take(spec) else "another host holds it"
-            except Exception as e:
-                problem = str(e) if isinstance(e, _Unreachable) else repr(e)
-            if problem and not warned:
-                warned = True
-                log.warn("cron job {job}: cannot renew its Redis lease ({why}); "
-                         "it may run on another host too", job=spec.name, why=problem)
-
-        renewal = LoopingCall(renew)
+            return None
+        if spec.name in self._unreachable:
+            self._unreachable.discard(spec.name)
+            log.info("cron job {job}: Redis answers again", job=spec.name)
+        if answer <= 0:  # held elsewhere, for -answer ms more
+            self.held.pop(spec.name, None)
+            return self._next_attempt(spec, -answer / 1000)
+        lease = self.held.get(spec.name)
+        if lease is None or lease.token != answer:
+            lease = self.held[spec.name] = Lease(spec.name, answer, self.holder)
+        renewal = LoopingCall(self._renew, spec, lease)
         renewal.clock = self.clock
         renewal.start(lease_seconds(spec.seconds) / 3, now=False)
         try:
-            await maybeDeferred(run)
+            await run(lease)
         finally:
             renewal.stop()
+            if lease.lost:
+                self.held.pop(spec.name, None)
+        return None
 
-    async def _take(self, spec: "CronSpec") -> bool:
+    def _next_attempt(self, spec: "CronSpec", lasts: float) -> float:
+        """Seconds until another try: just after the holder's next tick is
+        due (its lease then lasts no more than the grace), else just after
+        the lease expires."""
+        grace = lease_seconds(spec.seconds) - spec.seconds
+        slack = min(spec.seconds / 20, 0.1)
+        return (lasts - grace if lasts > grace else lasts) + slack
+
+    async def _renew(self, spec: "CronSpec", lease: Lease) -> None:
+        if lease.lost:
+            return
+        try:
+            still_ours = await self._ask(_RENEW, spec, [self.key(spec)], lease.value) == 1
+            why = "it expired or another host took it"
+        except Exception as e:
+            still_ours, why = False, str(e) if isinstance(e, _Unreachable) else repr(e)
+        if not still_ours:
+            lease.lost = True
+            log.error("cron job {job}: could not renew its Redis lease ({why}); this run "
+                      "goes on without it and another host may run the job too (fence "
+                      "writes with lease.token, {token})",
+                      job=spec.name, why=why, token=lease.token)
+
+    def release(self) -> Deferred:
+        """Delete every lease this guard holds, so that another host runs the
+        next tick on time; errors are logged, never raised."""
+        return ensureDeferred(self._release())
+
+    async def _release(self) -> None:
+        held, self.held = self.held, {}
+        for lease in held.values():
+            try:
+                await self._ask(_RELEASE, None, [self.prefix + lease.job], lease.value)
+            except Exception as e:
+                log.info("cron job {job}: its lease was not released ({why}); it expires "
+                         "on its own", job=lease.job, why=e)
+
+    async def _ask(self, script: str, spec: Optional["CronSpec"], keys: List[str],
+                   holder: str) -> int:
         """
-        Take or extend the lease: True if it is ours now, False if another
-        guard holds it.
+        Run one of the lease scripts with the lease's length in ms.
 
         @raise _Unreachable: Redis cannot be asked now.
         """
         if not connected(self.redis):
             raise _Unreachable("not connected")
-        milliseconds = max(1, round(lease_seconds(spec.seconds) * 1000))
-        reply = self.redis.eval(_ACQUIRE, [self.key(spec)], [self.token, milliseconds])
+        milliseconds = max(1, round(lease_seconds(spec.seconds) * 1000)) if spec else 0
+        reply = self.redis.eval(script, keys, [holder, milliseconds])
         try:
-            return await reply.addTimeout(self.timeout, self.clock) == 1
+            return await reply.addTimeout(self.timeout, self.clock)
         except defer.TimeoutError:
             raise _Unreachable(f"no reply in {self.timeout}s") from None
         except txredisapi.ConnectionError as e:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..app import Cluster, WorkerInfo, call_job, load_app
-from ..cron import CronService, RunGuard, run_unguarded
+from ..cron import CronService, RunGuard, Unguarded
 from ..settings import Settings
 from ..wire import WORKERS_VARIABLE, ExitStatus, WorkerStats
 from .access_log import AccessLog
@@ -139,7 +139,7 @@ class WorkerService(Service):
         if locked:
             log.warn("cron jobs {jobs} ask for lock=True but there is no --redis: "
                      "they run in worker 1 of this host only", jobs=", ".join(locked))
-        return run_unguarded
+        return Unguarded()
 
     def stats(self) -> Optional[WorkerStats]:
         """What the site has served so far (None before it exists)."""
