@@ -366,14 +366,22 @@ class LeaseTests(RedisTestCase):
         self.assertEqual(self.who(), ["a", "b"])
         self.assertGreater(self.runs[1][2].token, self.runs[0][2].token)
 
-    async def test_a_released_lease_is_taken_at_once(self):
+    async def test_a_released_lease_ends_when_the_holders_next_tick_was_due(self):
         await self.a(self.spec, self.run_as("a"))
         await self.a.release()
-        self.assertEqual(self.server.command("EXISTS", self.a.key(self.spec)), 0)
-        self.assertIsNone(await self.b(self.spec, self.run_as("b")))
+        self.assertLessEqual(self.server.command("PTTL", self.a.key(self.spec)),
+                             self.INTERVAL * 1000)
+        self.assertIsNotNone(await self.b(self.spec, self.run_as("b")))  # not this tick
+        await sleep(self.INTERVAL)
+        self.assertIsNone(await self.b(self.spec, self.run_as("b")))  # the next one
         self.assertEqual(self.who(), ["a", "b"])
         await self.a.release()  # holds nothing now: harmless
         self.assertEqual(self.value().split(" ")[1], self.b.holder)
+
+    async def test_a_lease_released_after_its_next_tick_was_due_is_deleted(self):
+        await self.a(self.spec, self.run_as("a", seconds=1.2 * self.INTERVAL))
+        await self.a.release()
+        self.assertEqual(self.server.command("EXISTS", self.a.key(self.spec)), 0)
 
     async def test_release_leaves_a_lease_taken_meanwhile_alone(self):
         await self.a(self.spec, self.run_as("a"))
@@ -462,7 +470,9 @@ class LeaseTests(RedisTestCase):
         self.assertGreaterEqual(sum(runs), 3, runs)
         self.assertLessEqual(sum(runs), ticks, runs)
         self.assertEqual([service.jobs[0].failures for service in services], [0, 0])
-        self.assertEqual(self.server.command("EXISTS", self.a.key(self.spec)), 0)  # released
+        # released: it lasts no longer than to the holder's next tick
+        self.assertLessEqual(self.server.command("PTTL", self.a.key(self.spec)),
+                             self.INTERVAL * 1000)
 
     async def test_a_job_in_a_thread_keeps_its_lease_while_it_blocks(self):
         def blocking(lease):

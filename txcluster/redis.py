@@ -212,12 +212,16 @@ end
 return 0
 """
 
-#: Delete the lease KEYS[1] if it still is ARGV[1]: 1, else 0.
+#: Release the lease KEYS[1] if it still is ARGV[1]: let it expire in ARGV[2]
+#: ms, when its holder would have run next, or at once: 1, else 0.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
+if redis.call('get', KEYS[1]) ~= ARGV[1] then
+    return 0
 end
-return 0
+if tonumber(ARGV[2]) > 0 then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return redis.call('del', KEYS[1])
 """
 
 #: Set KEYS[1] to ARGV[1] unless a write with a higher token came first:
@@ -299,7 +303,8 @@ class RedisLease:
     While the run lasts, the lease is renewed every third of its length
     (a renewal never takes a lease back: one that was lost stays lost, and
     is logged).  The holder keeps the lease from tick to tick, and gives it
-    up when its worker stops gracefully.
+    up when its worker stops gracefully: the lease then ends when the
+    holder's next tick was due.
 
     A guard that finds the lease held elsewhere tries again just after the
     holder's next tick is due (or, if that tick is late, as the lease
@@ -335,6 +340,7 @@ class RedisLease:
         self.fence_key = fence_key
         self.timeout = timeout
         self.held: Dict[str, Lease] = {}
+        self._next_tick: Dict[str, float] = {}
         self._unreachable: Set[str] = set()
 
     def key(self, spec: "CronSpec") -> str:
@@ -348,8 +354,8 @@ class RedisLease:
     async def _guarded(self, spec: "CronSpec",
                        run: Callable[[Any], Deferred]) -> Optional[float]:
         try:
-            answer = await self._ask(_ACQUIRE, spec, [self.key(spec), self.fence_key],
-                                     self.holder)
+            answer = await self._ask(_ACQUIRE, [self.key(spec), self.fence_key],
+                                     self.holder, self._milliseconds(spec))
         except _Unreachable as e:
             if spec.name not in self._unreachable:
                 self._unreachable.add(spec.name)
@@ -365,10 +371,12 @@ class RedisLease:
             log.info("cron job {job}: Redis answers again", job=spec.name)
         if answer <= 0:  # held elsewhere, for -answer ms more
             self.held.pop(spec.name, None)
+            self._next_tick.pop(spec.name, None)
             return self._next_attempt(spec, -answer / 1000)
         lease = self.held.get(spec.name)
         if lease is None or lease.token != answer:
             lease = self.held[spec.name] = Lease(spec.name, answer, self.holder)
+        self._next_tick[spec.name] = self.clock.seconds() + spec.seconds
         renewal = LoopingCall(self._renew, spec, lease)
         renewal.clock = self.clock
         renewal.start(lease_seconds(spec.seconds) / 3, now=False)
@@ -378,7 +386,12 @@ class RedisLease:
             renewal.stop()
             if lease.lost:
                 self.held.pop(spec.name, None)
+                self._next_tick.pop(spec.name, None)
         return None
+
+    @staticmethod
+    def _milliseconds(spec: "CronSpec") -> int:
+        return max(1, round(lease_seconds(spec.seconds) * 1000))
 
     def _next_attempt(self, spec: "CronSpec", lasts: float) -> float:
         """Seconds until another try: just after the holder's next tick is
@@ -392,7 +405,8 @@ class RedisLease:
         if lease.lost:
             return
         try:
-            still_ours = await self._ask(_RENEW, spec, [self.key(spec)], lease.value) == 1
+            still_ours = await self._ask(_RENEW, [self.key(spec)], lease.value,
+                                         self._milliseconds(spec)) == 1
             why = "it expired or another host took it"
         except Exception as e:
             still_ours, why = False, str(e) if isinstance(e, _Unreachable) else repr(e)
@@ -404,29 +418,30 @@ class RedisLease:
                       job=spec.name, why=why, token=lease.token)
 
     def release(self) -> Deferred:
-        """Delete every lease this guard holds, so that another host runs the
-        next tick on time; errors are logged, never raised."""
+        """Give up every lease this guard holds: each now expires when its
+        holder would have run next, so that another host runs the next tick
+        on time, and not this one again.  Errors are logged, never raised."""
         return ensureDeferred(self._release())
 
     async def _release(self) -> None:
         held, self.held = self.held, {}
         for lease in held.values():
+            remaining = self._next_tick.pop(lease.job, 0.0) - self.clock.seconds()
             try:
-                await self._ask(_RELEASE, None, [self.prefix + lease.job], lease.value)
+                await self._ask(_RELEASE, [self.prefix + lease.job], lease.value,
+                                max(0, round(remaining * 1000)))
             except Exception as e:
                 log.info("cron job {job}: its lease was not released ({why}); it expires "
                          "on its own", job=lease.job, why=e)
 
-    async def _ask(self, script: str, spec: Optional["CronSpec"], keys: List[str],
-                   holder: str) -> int:
+    async def _ask(self, script: str, keys: List[str], holder: str, milliseconds: int) -> int:
         """
-        Run one of the lease scripts with the lease's length in ms.
+        Run one of the lease scripts.
 
         @raise _Unreachable: Redis cannot be asked now.
         """
         if not connected(self.redis):
             raise _Unreachable("not connected")
-        milliseconds = max(1, round(lease_seconds(spec.seconds) * 1000)) if spec else 0
         reply = self.redis.eval(script, keys, [holder, milliseconds])
         try:
             return await reply.addTimeout(self.timeout, self.clock)

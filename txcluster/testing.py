@@ -134,12 +134,13 @@ class RunningCluster:
     """A C{twistd -n txcluster} process and its workers."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Optional[str],
-                 inherit: Optional[int] = None) -> None:
+                 inherit: Optional[int] = None, wrapper: Sequence[str] = ()) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="txcluster-test-", suffix=".log")
         self.args = list(args)
         command = [*twistd_command(), "-n", "--pidfile=", "txcluster", *args]
         if inherit is not None:
             command = [sys.executable, "-c", _SYSTEMD_ACTIVATION, str(inherit), *command]
+        command = [*wrapper, *command]
         self.process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(env), cwd=cwd, start_new_session=True,
@@ -276,6 +277,7 @@ def start_cluster(
     ready: Optional[int] = None,
     timeout: float = 30.0,
     inherit: Optional[int] = None,
+    wrapper: Sequence[str] = (),
 ) -> RunningCluster:
     """
     Start C{twistd -n txcluster} and wait until C{ready} workers are ready.
@@ -290,6 +292,8 @@ def start_cluster(
     @param inherit: a listening socket's descriptor to pass as systemd's
         socket activation would; use it with
         C{listen="systemd:domain=INET:index=0"}.
+    @param wrapper: a command that execs the rest, such as
+        C{ip netns exec NAME}.
     """
     argv = []
     if listen is not None:
@@ -299,7 +303,8 @@ def start_cluster(
     if workers is not None:
         argv += ["--single"] if workers == 0 else ["--workers", str(workers)]
     argv += list(args)
-    cluster = RunningCluster(argv, dict(os.environ) if env is None else env, cwd, inherit)
+    cluster = RunningCluster(argv, dict(os.environ) if env is None else env, cwd, inherit,
+                             wrapper)
     if ready is None:
         ready = workers or 1
     if ready:
