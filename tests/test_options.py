@@ -286,3 +286,48 @@ class SettingsTests(unittest.TestCase):
         self.assertEqual(copy.workers, 3)
         self.assertEqual(copy.redis, "redis://x")
         self.assertEqual(copy.warnings, ())
+
+
+class HttpEdgeOptionTests(unittest.TestCase):
+    """The contract's table of HTTP edge options: defaults, every layer,
+    and a one-line error for each bad value."""
+
+    EDGE = {
+        # option: (environment variable, default, a good value, its result, bad values)
+        "forwarded-allow-ips": ("FORWARDED_ALLOW_IPS", "127.0.0.1", "10.0.0.0/8, ::1",
+                                "10.0.0.0/8,::1/128", ["proxy.local", "10.0.0.300", "10.0.0.1/99"]),
+        "keep-alive": ("TXCLUSTER_KEEP_ALIVE", 5.0, "0", 0.0, ["-1", "forever"]),
+        "header-timeout": ("TXCLUSTER_HEADER_TIMEOUT", 10.0, "2.5", 2.5, ["0", "soon"]),
+        "limit-request-line": ("TXCLUSTER_LIMIT_REQUEST_LINE", 8190, "4094", 4094, ["-1", "4k"]),
+        "limit-request-fields": ("TXCLUSTER_LIMIT_REQUEST_FIELDS", 100, "0", 0, ["many"]),
+        "limit-request-field-size": ("TXCLUSTER_LIMIT_REQUEST_FIELD_SIZE", 8190, "100", 100,
+                                     ["1.5"]),
+        "limit-request-body": ("TXCLUSTER_LIMIT_REQUEST_BODY", 0, "1048576", 1048576, ["1MB"]),
+        "backlog": ("TXCLUSTER_BACKLOG", 2048, "128", 128, ["0", "lots"]),
+    }
+
+    def test_defaults(self):
+        settings = parse()
+        for option, (_, default, *_) in self.EDGE.items():
+            self.assertEqual(getattr(settings, option.replace("-", "_")), default, option)
+
+    def test_command_line_and_environment(self):
+        for option, (variable, _, good, result, _) in self.EDGE.items():
+            attribute = option.replace("-", "_")
+            self.assertEqual(getattr(parse([f"--{option}", good]), attribute), result, option)
+            self.assertEqual(getattr(parse(environ={variable: good}), attribute), result, option)
+
+    def test_bad_values_are_one_line_usage_errors_naming_the_option(self):
+        for option, (_, _, _, _, bad_values) in self.EDGE.items():
+            for bad in bad_values:
+                error = self.assertRaises(usage.UsageError, parse, [f"--{option}", bad])
+                self.assertNotIn("\n", str(error))
+                self.assertIn(f"--{option}", str(error))
+                self.assertIn(repr(bad), str(error))
+
+    def test_everyone(self):
+        self.assertEqual(parse(["--forwarded-allow-ips", "*"]).forwarded_allow_ips, "*")
+
+    def test_haproxy_endpoints_may_use_reuseport(self):
+        settings = parse(["--listen", "haproxy:tcp:0", "--balance", "reuseport"])
+        self.assertEqual(settings.balance, "reuseport")

@@ -22,6 +22,7 @@ from twisted.python import usage
 from .cpus import cgroup_cpu_limit, default_workers, usable_cpus
 from .settings import (
     ACCESS_LOG_FORMATS, BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS, Settings,
+    endpoint_kind,
 )
 
 
@@ -147,6 +148,26 @@ def parse_path(text: str) -> str:
     if not text:
         raise BadValue("expected a path")
     return text
+
+
+def parse_positive_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise BadValue("expected a whole number above 0") from None
+    if count < 1:
+        raise BadValue("expected a whole number above 0")
+    return count
+
+
+def parse_forwarded_allow_ips(text: str) -> str:
+    """C{*}, or addresses and networks separated by commas; spaces dropped."""
+    from .forwarded import TrustedProxies
+
+    try:
+        return str(TrustedProxies.parse(text))
+    except ValueError as e:
+        raise BadValue(str(e)) from None
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -309,6 +330,51 @@ SETTINGS: Sequence[Setting] = (
         "(one object per line).",
         default="combined", parse=parse_access_log_format, metavar="FORMAT",
         env=(("TXCLUSTER_ACCESS_LOG_FORMAT", parse_access_log_format),),
+    ),
+    Setting(
+        "forwarded-allow-ips", "Comma-separated addresses or networks ('*': all) whose "
+        "X-Forwarded-For, X-Forwarded-Proto and Forwarded headers are trusted.",
+        default="127.0.0.1", parse=parse_forwarded_allow_ips, metavar="LIST",
+        env=(("FORWARDED_ALLOW_IPS", parse_forwarded_allow_ips),),
+    ),
+    Setting(
+        "keep-alive", "Seconds an idle keep-alive connection is kept (0: close after "
+        "each response).",
+        default=5.0, parse=parse_seconds, metavar="S",
+        env=(("TXCLUSTER_KEEP_ALIVE", parse_seconds),),
+    ),
+    Setting(
+        "header-timeout", "Seconds a request's line and headers may take, from the "
+        "connection's start or its first byte; then 408 and close.",
+        default=10.0, parse=parse_positive_seconds, metavar="S",
+        env=(("TXCLUSTER_HEADER_TIMEOUT", parse_positive_seconds),),
+    ),
+    Setting(
+        "limit-request-line", "Longest request line in bytes (longer: 414; 0: no limit).",
+        default=8190, parse=parse_count, metavar="N",
+        env=(("TXCLUSTER_LIMIT_REQUEST_LINE", parse_count),),
+    ),
+    Setting(
+        "limit-request-fields", "Most header fields in a request (more: 431; 0: no limit).",
+        default=100, parse=parse_count, metavar="N",
+        env=(("TXCLUSTER_LIMIT_REQUEST_FIELDS", parse_count),),
+    ),
+    Setting(
+        "limit-request-field-size", "Longest header field in bytes (longer: 431; "
+        "0: no limit).",
+        default=8190, parse=parse_count, metavar="N",
+        env=(("TXCLUSTER_LIMIT_REQUEST_FIELD_SIZE", parse_count),),
+    ),
+    Setting(
+        "limit-request-body", "Longest request body in bytes (longer: 413, read no "
+        "further; 0: no limit).",
+        default=0, parse=parse_count, metavar="N",
+        env=(("TXCLUSTER_LIMIT_REQUEST_BODY", parse_count),),
+    ),
+    Setting(
+        "backlog", "Listen backlog: connections the kernel queues before one is accepted.",
+        default=2048, parse=parse_positive_count, metavar="N",
+        env=(("TXCLUSTER_BACKLOG", parse_positive_count),),
     ),
     Setting(
         "config", "INI file with a [txcluster] section; keys are long option names.",
@@ -517,7 +583,7 @@ class ClusterOptions(usage.Options):
         """reuseport binds more sockets like the first: TCP ones only.  Like
         any bad value, a usage error on the command line or in the config
         file, a warning and the default from the environment."""
-        kind = settings.listen.partition(":")[0]
+        kind = endpoint_kind(settings.listen)
         if settings.balance != REUSEPORT or settings.single or kind in REUSEPORT_ENDPOINTS:
             return settings
         problem = f"needs a tcp:, tcp6: or ssl: --listen, not {settings.listen!r}"

@@ -28,8 +28,16 @@ STEERED_MODES = (ROUND_ROBIN, REUSEPORT)
 #: C{--access-log-format} values.
 ACCESS_LOG_FORMATS = ("combined", "json")
 
-#: The endpoint types reuseport can bind more sockets of.
+#: The endpoint types reuseport can bind more sockets of (also behind
+#: C{haproxy:}).
 REUSEPORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+def endpoint_kind(description: str) -> str:
+    """C{tcp} for C{tcp:8080} and for C{haproxy:tcp:8080}: the socket's kind."""
+    if description.startswith("haproxy:"):
+        description = description[len("haproxy:"):]
+    return description.partition(":")[0]
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -55,6 +63,15 @@ class Settings:
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_memory: int = 0  # MiB
+    # The HTTP edge (README.rst, "Behind a proxy"):
+    forwarded_allow_ips: str = "127.0.0.1"
+    keep_alive: float = 5.0
+    header_timeout: float = 10.0
+    limit_request_line: int = 8190
+    limit_request_fields: int = 100
+    limit_request_field_size: int = 8190
+    limit_request_body: int = 0
+    backlog: int = 2048
     control: Optional[str] = None
     config: Optional[str] = None
     env_file: Optional[str] = None

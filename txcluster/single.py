@@ -76,4 +76,4 @@ class SingleProcessService(SignalledService):
 
 def build_single(reactor: Any, settings: Settings) -> SingleProcessService:
     """@raise txcluster.master.sockets.StartupError: C{--listen} cannot be bound."""
-    return SingleProcessService(reactor, settings, bind(reactor, settings.listen))
+    return SingleProcessService(reactor, settings, bind(reactor, settings.listen, settings.backlog))

@@ -24,7 +24,7 @@ from twisted.python import usage
 
 from .master.sockets import StartupError
 from .options import ClusterOptions
-from .settings import Settings
+from .settings import Settings, endpoint_kind
 
 __all__ = ["Options", "makeService", "build_service"]
 
@@ -42,7 +42,7 @@ class Options(ClusterOptions):
             raise SystemExit(f"txcluster: error: {e} (see {program} txcluster --help)") from None
 
     def before_endpoint_check(self, settings: Settings) -> None:
-        if not settings.single and not settings.listen.startswith("ssl:"):
+        if not settings.single and endpoint_kind(settings.listen) != "ssl":
             _keep_tls_out_of_this_process()
 
 
@@ -77,12 +77,35 @@ def build_service(settings: Settings, reactor: Any) -> IService:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    raised = raise_open_files_limit()
     try:
         service = build_service(options.settings, reactor)
     except StartupError as e:
         raise SystemExit(f"txcluster: {e}") from None
+    if raised is not None:
+        service.notes.append(
+            "raised the open-files limit from {} to {}".format(*raised))
     atexit.register(_exit_with_status_of, service)
     return service
+
+
+def raise_open_files_limit() -> Optional[tuple]:
+    """Raise the soft C{RLIMIT_NOFILE} to the hard one, as nginx and most
+    servers do, so that thousands of idle or slow clients do not run a
+    worker out of descriptors (the workers inherit it).  The old and new
+    soft limits, or None if nothing changed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # not settable as a soft limit as such
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return None
+        return soft, hard
+    return None
 
 
 def _exit_with_status_of(service: Any) -> None:

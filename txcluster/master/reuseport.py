@@ -25,8 +25,8 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from ..cpus import SO_INCOMING_CPU
-from ..settings import REUSEPORT_ENDPOINTS
-from .sockets import NeverAccepts, StartupError, bind, close_our_copy
+from ..settings import REUSEPORT_ENDPOINTS, endpoint_kind
+from .sockets import NeverAccepts, StartupError, bind, close_our_copy, set_backlog
 
 log = Logger(namespace="txcluster.master")
 
@@ -129,12 +129,14 @@ class ReusePortGroup:
 
     def __init__(self, reactor: Any, description: str, count: int,
                  cpu_of: Optional[Callable[[int], int]] = None,
-                 kernel_steers: bool = kernel_steers_by_cpu()) -> None:
-        if description.partition(":")[0] not in REUSEPORT_ENDPOINTS:
+                 kernel_steers: bool = kernel_steers_by_cpu(),
+                 backlog: Optional[int] = None) -> None:
+        if endpoint_kind(description) not in REUSEPORT_ENDPOINTS:
             raise StartupError(f"--balance reuseport needs a tcp:, tcp6: or ssl: endpoint "
                                f"(--listen {description})")
         self._binder = _ReusePortReactor(reactor)
         self._cpu_of = cpu_of
+        self._backlog = backlog
         self._ports: Dict[int, tcp.Port] = {}
         #: whether marked sockets get the connections of their CPU
         self.steering = cpu_of is not None and kernel_steers
@@ -192,6 +194,8 @@ class ReusePortGroup:
 
     def _add(self, worker_id: int, port: tcp.Port) -> None:
         self._ports[worker_id] = port
+        if self._backlog is not None:
+            set_backlog(port, self._backlog)
         if self.steering:
             try:
                 port.socket.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU,

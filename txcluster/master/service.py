@@ -94,6 +94,8 @@ class SignalledService(MultiService):
         self._stopping = False
         self._leaving = False
         self._log_file: Optional[Any] = None
+        #: what the process's setup did, logged once it runs
+        self.notes: List[str] = []
 
     def startService(self) -> None:
         # twistd starts services before the reactor runs: ours go in now, so
@@ -102,6 +104,8 @@ class SignalledService(MultiService):
         # reactor has installed its own, which replace them.
         self._install_signal_handlers()
         self.reactor.callWhenRunning(self._install_signal_handlers)
+        for note in self.notes:
+            log.info("{note}", note=note)
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
         self.systemd.start_watchdog()
@@ -390,8 +394,9 @@ def bind_listeners(reactor: Any, settings: Settings,
         from .reuseport import ReusePortGroup
 
         return ReusePortGroup(reactor, settings.listen, settings.workers,
-                              cpu_of=None if pinning is None else pinning.cpu_of)
-    return SharedSocket(bind(reactor, settings.listen))
+                              cpu_of=None if pinning is None else pinning.cpu_of,
+                              backlog=settings.backlog)
+    return SharedSocket(bind(reactor, settings.listen, settings.backlog))
 
 
 class ListeningService(Service):

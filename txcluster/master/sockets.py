@@ -17,7 +17,7 @@ questions (L{Listeners}).
 from __future__ import annotations
 
 import os
-from typing import Any, List, Protocol
+from typing import Any, List, Optional, Protocol
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -98,15 +98,27 @@ def describe(port: IListeningPort) -> str:
     return os.fsdecode(name) if isinstance(name, bytes) else str(name)
 
 
-def bind(reactor: Any, description: str) -> IListeningPort:
+def bind(reactor: Any, description: str, backlog: Optional[int] = None) -> IListeningPort:
     """
-    Bind C{description} (C{--listen}) without accepting on it.
+    Bind C{description} (C{--listen}) without accepting on it, with a
+    listen C{backlog} (C{--backlog}) if given.
 
     @raise StartupError: the address is in use, not permitted, or invalid.
     """
     port = listen(reactor, description, NeverAccepts(), option="--listen")
     port.stopReading()
+    if backlog is not None:
+        set_backlog(port, backlog)
     return port
+
+
+def set_backlog(port: IListeningPort, backlog: int) -> None:
+    """Listen again with C{backlog}: Linux resizes the queue of a listening
+    socket in place, whoever bound it (even systemd, for socket
+    activation).  The kernel caps it at C{net.core.somaxconn}."""
+    handle = getattr(port, "socket", None)
+    if handle is not None:
+        handle.listen(backlog)
 
 
 def listen(reactor: Any, description: str, factory: Any, option: str) -> IListeningPort:

@@ -7,7 +7,8 @@ How a worker gets its connections, in each C{--balance} mode:
   takes one connection per wakeup (L{accept_one_per_wakeup});
 - C{reuseport}: it adopts a socket of its own, bound by the master.
 
-Either way an C{ssl:} endpoint's TLS is terminated here, in the worker.
+Either way an C{ssl:} endpoint's TLS is terminated here, in the worker, and
+an C{haproxy:} endpoint's PROXY header is read here (L{wrapped}).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def listen(reactor: Any, settings: Settings, factory: IProtocolFactory) -> IList
     """Serve C{factory} on what the master passed this worker process."""
     if settings.balance == ROUND_ROBIN:
         receiver = ConnectionReceiver(
-            reactor, CONNECTIONS_FD, tls_wrapped(reactor, factory, settings.listen))
+            reactor, CONNECTIONS_FD, wrapped(reactor, factory, settings.listen))
         receiver.startListening()
         return receiver
     # A socket of its own (reuseport) has no other worker to share a burst with.
@@ -43,7 +44,7 @@ def adopt(
 ) -> IListeningPort:
     """Serve C{factory} on an inherited listening descriptor; with
     C{accept_one}, one connection per wakeup."""
-    port = reactor.adoptStreamPort(fd, address_family(fd), tls_wrapped(reactor, factory, description))
+    port = reactor.adoptStreamPort(fd, address_family(fd), wrapped(reactor, factory, description))
     if accept_one:
         accept_one_per_wakeup(port)
     return port
@@ -85,6 +86,31 @@ class _ContextFactoryOf:
     def listenSSL(self, port: int, factory: Any, contextFactory: Any,
                   backlog: int = 50, interface: str = "") -> None:
         self.found.append(contextFactory)
+
+
+def wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:
+    """Wrap C{factory} as the endpoint would: C{haproxy:} in Twisted's PROXY
+    protocol parser (v1 and v2; the peer is then the address the proxy
+    sent), C{ssl:} in TLS."""
+    if description.startswith("haproxy:"):
+        from twisted.protocols.haproxy import proxyEndpoint
+
+        inner = wrapped(reactor, factory, description[len("haproxy:"):])
+        # The endpoint's public way to its wrapping factory: listen().
+        recorder = _FactoryOf()
+        proxyEndpoint(recorder).listen(inner)
+        return recorder.found[0]
+    return tls_wrapped(reactor, factory, description)
+
+
+class _FactoryOf:
+    """An endpoint stand-in that keeps the factory it is asked to listen with."""
+
+    def __init__(self) -> None:
+        self.found: List[Any] = []
+
+    def listen(self, factory: Any) -> None:
+        self.found.append(factory)
 
 
 def tls_wrapped(reactor: Any, factory: IProtocolFactory, description: str) -> Factory:

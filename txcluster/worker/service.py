@@ -21,9 +21,11 @@ from twisted.python.failure import Failure
 
 from ..app import Cluster, WorkerInfo, call_job, load_app
 from ..cron import CronService, RunGuard, Unguarded
+from ..forwarded import TrustedProxies
 from ..settings import Settings
 from ..wire import WORKERS_VARIABLE, ExitStatus, WorkerStats
 from .access_log import AccessLog
+from .edge import EdgeLimits
 from .locality import Locality
 from .site import ClusterSite
 from .stats import RequestStats
@@ -121,7 +123,10 @@ class WorkerService(Service):
         self.site = ClusterSite(cluster.resource(), self.reactor, access_log,
                                 locality=self.locality,
                                 stats=RequestStats(detailed=bool(self.settings.metrics)),
-                                health=self.settings.health, worker_id=self.info.id)
+                                health=self.settings.health, worker_id=self.info.id,
+                                limits=EdgeLimits.from_settings(self.settings),
+                                trusted_proxies=TrustedProxies.parse(
+                                    self.settings.forwarded_allow_ips))
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:
@@ -222,8 +227,9 @@ class WorkerService(Service):
 
     def _hand_back(self) -> Optional[Callable[[int], bool]]:
         """Round-robin over plain TCP: idle connections go back to the master
-        (a TLS connection's state lives in this process; it is closed)."""
-        if not self.may_hand_back or self.settings.listen.startswith("ssl:"):
+        (a TLS connection's state lives in this process, and a PROXY
+        protocol connection's header was read here; they are closed)."""
+        if not self.may_hand_back or self.settings.listen.startswith(("ssl:", "haproxy:")):
             return None
         return getattr(self.port, "hand_back", None)
 

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
-from twisted.web import http
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from twisted.logger import Logger
 
+from ..forwarded import SCHEMES, TrustedProxies, forwarded_client
 from .access_log import AccessLog
+from .edge import EdgeLimits, GuardedChannel
 from .locality import Locality
 from .stats import RequestStats
 
@@ -47,7 +50,20 @@ FRESH_CONNECTION_GRACE = 1.0
 FLUSH_POLL_SECONDS = 0.005
 
 
+#: Descriptors kept for everything but connections: files, Redis, the
+#: channel to the master, the app's own.
+SPARE_DESCRIPTORS = 64
+
 log = Logger(namespace="txcluster.worker")
+
+
+def connection_limit() -> int:
+    """How many connections a worker keeps open at most: its open-files
+    limit (which the master raised to the hard one) less a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft - SPARE_DESCRIPTORS, 16)
 
 #: hand_back(fd) gives a connection to the master: True if it took it.
 HandBack = Callable[[int], bool]
@@ -64,9 +80,10 @@ def unsent_bytes(transport: Any) -> int:
         return 1
 
 
-class DrainableChannel(http.HTTPChannel):
+class DrainableChannel(GuardedChannel):
     """An HTTP/1.1 channel that stops keeping alive once its site drains,
-    or once its client has moved to another worker's CPU."""
+    or once its client has moved to another worker's CPU (and keeps to the
+    site's limits, L{GuardedChannel})."""
 
     site: "ClusterSite"
     requests_started = 0
@@ -171,11 +188,52 @@ class DrainableChannel(http.HTTPChannel):
 
 
 class TimedRequest(Request):
-    """A request that knows when its first line arrived."""
+    """A request that knows when its first line arrived, believes the
+    forwarded headers of a trusted proxy, and keeps its body to the limit."""
+
+    _forwarded_secure: Optional[bool] = None
+    _body_length = 0
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         self.received_at: float = channel.site.reactor.seconds()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_length += len(data)
+        self.channel.body_received(self._body_length)
+        if not self.channel.transport.disconnecting:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._believe_the_proxy()
+        super().requestReceived(command, path, version)
+
+    def _believe_the_proxy(self) -> None:
+        """C{--forwarded-allow-ips}: the client and scheme a trusted proxy
+        forwarded become this request's (getClientAddress, isSecure, the
+        access log)."""
+        peer = self.client
+        host = getattr(peer, "host", None)
+        if host is None:  # a Unix socket: the proxy is local
+            host = "127.0.0.1"
+        headers = self.requestHeaders
+
+        def values(name: str) -> List[str]:
+            return headers.getRawHeaders(name, [])  # a str name gives str values
+
+        hop = forwarded_client(host, values, self.channel.site.trusted_proxies)
+        if hop is None:
+            return
+        if hop.host != host:
+            kind = IPv6Address if ":" in hop.host else IPv4Address
+            self.client = kind("TCP", hop.host, 0)
+        if hop.scheme is not None:
+            self._forwarded_secure = SCHEMES[hop.scheme]
+
+    def isSecure(self) -> bool:
+        if self._forwarded_secure is not None:
+            return self._forwarded_secure
+        return super().isSecure()
 
 
 class HealthCheck(Resource):
@@ -216,8 +274,16 @@ class ClusterSite(Site):
         self, resource: IResource, reactor: IReactorTime,
         access_log: Optional[AccessLog] = None, locality: Optional[Locality] = None,
         stats: Optional[RequestStats] = None, health: str = "", worker_id: int = 1,
+        limits: EdgeLimits = EdgeLimits(),
+        trusted_proxies: TrustedProxies = TrustedProxies.parse("127.0.0.1"),
+        max_connections: Optional[int] = None,
     ) -> None:
-        super().__init__(resource, reactor=reactor)
+        # Twisted's idle timer (reset by every byte) ends a body that stops
+        # coming; the edge's own timers end the rest, and come first.
+        super().__init__(resource, reactor=reactor,
+                         timeout=max(limits.header_timeout, limits.keep_alive) + 1)
+        self.limits = limits
+        self.trusted_proxies = trusted_proxies
         #: answered in front of the app (C{--health}); b"": off
         self.health_path = health.encode()
         self._health = HealthCheck(self, worker_id)
@@ -226,7 +292,11 @@ class ClusterSite(Site):
         self.leaving = False
         self.locality = locality
         self.draining = False
-        self.channels: Set[DrainableChannel] = set()
+        #: open connections, oldest first
+        self.channels: Dict[DrainableChannel, None] = {}
+        #: at most this many, then the oldest idle ones make room
+        self.max_connections = connection_limit() if max_connections is None else max_connections
+        self.shed = 0
         self._drained: Optional[Deferred] = None
         self.access_log = access_log
         #: while draining, how idle connections go back to the master
@@ -240,12 +310,29 @@ class ClusterSite(Site):
         return super().getResourceFor(request)
 
     def buildProtocol(self, addr) -> DrainableChannel:
+        if len(self.channels) >= self.max_connections:
+            self._make_room()
         channel = super().buildProtocol(addr)
-        self.channels.add(channel)
+        self.channels[channel] = None
         return channel
 
+    def _make_room(self) -> None:
+        """Out of descriptors soon: drop the oldest connection that is not
+        being answered (idle, or still sending its headers), rather than
+        fail the new client.  Slowloris connections are the oldest."""
+        for channel in self.channels:
+            if not channel.answering:
+                channel.transport.abortConnection()
+                self.channels.pop(channel, None)
+                self.shed += 1
+                if self.shed == 1 or self.shed % 1000 == 0:
+                    log.warn("{shed} idle connections dropped so far to make room for new "
+                             "ones: {limit} open (the open-files limit, less a reserve)",
+                             shed=self.shed, limit=self.max_connections)
+                return
+
     def channel_closed(self, channel: DrainableChannel) -> None:
-        self.channels.discard(channel)
+        self.channels.pop(channel, None)
         if self._drained is not None and not self.channels:
             drained, self._drained = self._drained, None
             drained.callback(None)

@@ -1,0 +1,203 @@
+"""
+The HTTP edge of a worker: what a request must look like, and how long a
+client may take, before the app sees anything (README.rst, "Behind a
+proxy").
+
+ - The request line and headers must be complete C{header_timeout} seconds
+   after the connection opened (or, on a kept-alive connection, after the
+   request's first byte), however slowly the bytes trickle in; else 408 and
+   the connection is closed.  That is what ends slowloris.
+ - An idle kept-alive connection is closed after C{keep_alive} seconds.
+ - A request line over its limit gets 414, too many or too long header
+   fields 431, a body over its limit 413 (read no further), junk 400.
+
+Each error is a complete response with C{Connection: close}, then the
+connection closes; the worker goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attr
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web import http
+
+#: Any line longer than this is refused even with the limits off (0).
+LINE_CEILING = 1 << 20
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class EdgeLimits:
+    """The C{--keep-alive}, C{--header-timeout} and C{--limit-request-*}
+    settings; a limit of 0 is no limit."""
+
+    keep_alive: float = 5.0
+    header_timeout: float = 10.0
+    request_line: int = 8190
+    fields: int = 100
+    field_size: int = 8190
+    body: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "EdgeLimits":
+        return cls(keep_alive=settings.keep_alive, header_timeout=settings.header_timeout,
+                   request_line=settings.limit_request_line,
+                   fields=settings.limit_request_fields,
+                   field_size=settings.limit_request_field_size,
+                   body=settings.limit_request_body)
+
+    @property
+    def longest_line(self) -> int:
+        limits = [limit for limit in (self.request_line, self.field_size) if limit]
+        return max(limits) if len(limits) == 2 else LINE_CEILING
+
+
+#: status line of each error this module answers
+STATUS = {
+    400: b"400 Bad Request",
+    408: b"408 Request Timeout",
+    413: b"413 Content Too Large",
+    414: b"414 URI Too Long",
+    431: b"431 Request Header Fields Too Large",
+}
+
+
+def error_response(code: int) -> bytes:
+    reason = STATUS[code]
+    body = reason[4:] + b"\n"
+    return (b"HTTP/1.1 " + reason + b"\r\nConnection: close\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+class GuardedChannel(http.HTTPChannel):
+    """An L{HTTPChannel} that applies its site's L{EdgeLimits}."""
+
+    site: Any
+    limits: EdgeLimits = EdgeLimits()
+    _deadline: Optional[IDelayedCall] = None
+    _waiting_for = ""  # "headers" or "next request"
+    _in_head = False  # between a request line and the end of its headers
+    _fields = 0
+    _bytes_seen = False
+    _refused = False
+
+    def connectionMade(self) -> None:
+        self.limits = self.site.limits
+        self.MAX_LENGTH = self.limits.longest_line
+        self.maxHeaders = self.limits.fields or self.maxHeaders
+        self.totalHeadersSize = LINE_CEILING * 2
+        super().connectionMade()
+        self._expect("headers", self.limits.header_timeout)
+
+    @property
+    def answering(self) -> bool:
+        """Is a request of this connection with the app now?"""
+        return bool(self._handlingRequest)
+
+    # Timers -------------------------------------------------------------------
+
+    def _expect(self, what: str, seconds: float) -> None:
+        self._cancel_deadline()
+        self._waiting_for = what
+        self._deadline = self.callLater(seconds, self._too_late)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._waiting_for = ""
+
+    def _too_late(self) -> None:
+        self._deadline = None
+        if self._waiting_for == "headers" and self._bytes_seen:
+            self.refuse(408)
+        else:  # a quiet connection, new or kept alive: no request to answer
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._bytes_seen = True
+        if self._waiting_for == "next request":
+            self._expect("headers", self.limits.header_timeout)
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        """Twisted's idle timer: here, a body that stopped coming."""
+        if self.requests and not self._handlingRequest:
+            self.refuse(408)
+        else:
+            self.transport.loseConnection()
+
+    def requestDone(self, request: Any) -> None:
+        # Before Twisted replays what came after this request (which may be
+        # the next one's start), so that the replay restarts the clock.
+        if self.limits.keep_alive:
+            self._expect("next request", self.limits.keep_alive)
+        super().requestDone(request)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if not self.limits.keep_alive:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    # Limits -------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._in_head:
+            if line:  # (an empty line before a request is tolerated)
+                if self.limits.request_line and len(line) > self.limits.request_line:
+                    return self.refuse(414)
+                self._in_head, self._fields = True, 0
+        elif line:
+            if self.limits.field_size and len(line) > self.limits.field_size:
+                return self.refuse(431)
+            if line[:1] not in b" \t":
+                self._fields += 1
+                if self.limits.fields and self._fields > self.limits.fields:
+                    return self.refuse(431)
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._in_head:
+            self.refuse(431)
+        elif line.split(b" ", 1)[0].isalpha():  # a method, then a long target
+            self.refuse(414)
+        else:
+            self.refuse(400)
+
+    def allHeadersReceived(self) -> None:
+        self._in_head = False
+        self._cancel_deadline()
+        super().allHeadersReceived()
+        if self.limits.body and self.length is not None and self.length > self.limits.body:
+            self.refuse(413)
+
+    def allContentReceived(self) -> None:
+        if not self._refused:  # (a chunked body refused midway ends here too)
+            super().allContentReceived()
+
+    def body_received(self, length: int) -> None:
+        """A request has read C{length} bytes of its body so far."""
+        if self.limits.body and length > self.limits.body:
+            self.refuse(413)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.refuse(400)
+
+    def refuse(self, code: int) -> None:
+        """Answer C{code} with C{Connection: close}, read nothing more, close."""
+        self._cancel_deadline()
+        self._in_head = False
+        if self._refused or self.transport.disconnecting:
+            return
+        self._refused = True
+        self.transport.write(error_response(code))
+        self.setRawMode()
+        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.lineReceived = lambda line: None  # type: ignore[method-assign]
+        self.transport.loseConnection()
