@@ -35,6 +35,16 @@ def index(request):
                        "workers": cluster.worker.count})
 
 
+@web.route("/whoami", methods=["GET", "POST"])
+def whoami(request):
+    """Who the request says its client is, and how much body it read."""
+    client = request.getClientAddress()
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"client": client.host, "port": getattr(client, "port", None),
+                       "secure": request.isSecure(), "body": len(request.content.read()),
+                       "worker": cluster.worker.id})
+
+
 @web.route("/slow")
 def slow(request):
     seconds = float(request.args.get(b"seconds", [b"1"])[0])
