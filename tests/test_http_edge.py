@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -242,3 +243,56 @@ class SlowlorisTests(ClusterTestCase):
         print(f"\nslowloris: {self.HELD} connections held; new clients' worst latency "
               f"{worst * 1000:.0f} ms; descriptors per worker {sorted(descriptors.values())}; "
               f"all closed {closed_after:.1f}s after they opened")
+
+
+NGINX_CONFIG = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{cluster_port};
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+}}
+"""
+
+
+class NginxTests(ClusterTestCase):
+    """README.rst's nginx snippet, in front of a cluster that trusts it."""
+
+    def test_the_client_nginx_saw_and_not_the_one_it_claims(self):
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+        if nginx is None:
+            self.skipTest("nginx is not installed (Debian package nginx-light; .ci/run "
+                          "installs it)")
+        cluster = self.start(workers=2)
+        directory, port = self.directory(), free_port()
+        with open(os.path.join(directory, "nginx.conf"), "w") as f:
+            f.write(NGINX_CONFIG.format(dir=directory, port=port,
+                                        cluster_port=urlsplit(cluster.url).port))
+        process = subprocess.Popen([nginx, "-p", directory, "-c", "nginx.conf",
+                                    "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(lambda: (process.kill(), process.wait()))
+        with socket.socket() as client:
+            client.bind(("127.0.0.5", 0))  # an address the cluster does not trust
+            client.settimeout(5)
+            wait_until(lambda: client.connect_ex(("127.0.0.1", port)) == 0, 10,
+                       "nginx to listen")
+            client.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                           b"X-Forwarded-For: 198.51.100.66\r\n\r\n")
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+        seen = body(received)
+        self.assertEqual((seen["client"], seen["secure"]), ("127.0.0.5", False))

@@ -168,6 +168,10 @@ class ForwardedTests(unittest.TestCase):
         self.assertEqual(self.answer([("X-Forwarded-For", "203.0.113.7"),
                                       ("X-Forwarded-Proto", "https")]), "203.0.113.7 https 0")
 
+    def test_what_a_client_wrote_on_the_left_is_not_believed(self):
+        self.assertEqual(self.answer([("X-Forwarded-For", "1.1.1.1, 203.0.113.7")]),
+                         "203.0.113.7 http 0")
+
     def test_an_untrusted_peer_changes_nothing(self):
         self.assertEqual(self.answer([("X-Forwarded-For", "203.0.113.7"),
                                       ("X-Forwarded-Proto", "https")], peer="198.51.100.1"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import attr
 
@@ -29,12 +29,19 @@ HeaderValues = Callable[[str], Sequence[str]]
 SCHEMES = {"http": False, "https": True, "ws": False, "wss": True}
 
 
+#: How many addresses' verdicts a L{TrustedProxies} remembers.
+REMEMBERED = 4096
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class TrustedProxies:
     """The peers whose forwarded headers are believed."""
 
     networks: Tuple[Network, ...] = ()
     everyone: bool = False
+    #: verdicts by address: parsing an address is the costly part, and a
+    #: server sees the same few proxies and clients again and again
+    _verdicts: Dict[str, bool] = attr.ib(factory=dict, eq=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> "TrustedProxies":
@@ -60,6 +67,14 @@ class TrustedProxies:
     def trusts(self, host: str) -> bool:
         if self.everyone:
             return True
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            if len(self._verdicts) >= REMEMBERED:
+                self._verdicts.clear()
+            verdict = self._verdicts[host] = self._check(host)
+        return verdict
+
+    def _check(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
@@ -69,8 +84,7 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Hop:
+class Hop(NamedTuple):
     """One entry of a forwarded chain: who sent it, over which scheme."""
 
     host: str
@@ -87,8 +101,17 @@ def forwarded_client(peer: str, header: HeaderValues,
     """
     if not trusted.trusts(peer):
         return None
-    hops = _forwarded_hops(header("forwarded")) or _x_forwarded_hops(
-        header("x-forwarded-for"), header("x-forwarded-proto"))
+    return forwarded_by_trusted(peer, header, trusted)
+
+
+def forwarded_by_trusted(peer: str, header: HeaderValues,
+                         trusted: TrustedProxies) -> Optional[Hop]:
+    """L{forwarded_client}, for a C{peer} already known to be trusted."""
+    forwarded = header("forwarded")
+    if forwarded:
+        hops = _forwarded_hops(forwarded)
+    else:
+        hops = _x_forwarded_hops(header("x-forwarded-for"), header("x-forwarded-proto"))
     if not hops:
         return None
     chosen = hops[0]
@@ -101,7 +124,10 @@ def forwarded_client(peer: str, header: HeaderValues,
     return Hop(peer, chosen.scheme)  # a proto without a for
 
 
-def _split(values: Iterable[str]) -> List[str]:
+def _split(values: Sequence[str]) -> List[str]:
+    if len(values) == 1 and "," not in values[0]:  # the usual case: one proxy
+        value = values[0].strip()
+        return [value] if value else []
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 

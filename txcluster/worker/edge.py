@@ -53,6 +53,11 @@ class EdgeLimits:
         return max(limits) if len(limits) == 2 else LINE_CEILING
 
 
+#: Initials of the forwarded headers' names, as bytes of a header line.
+_FORWARDED_INITIALS = frozenset(b"xXfF")
+
+_lineReceived = http.HTTPChannel.lineReceived
+
 #: status line of each error this module answers
 STATUS = {
     400: b"400 Bad Request",
@@ -76,14 +81,20 @@ class GuardedChannel(http.HTTPChannel):
     site: Any
     limits: EdgeLimits = EdgeLimits()
     _deadline: Optional[IDelayedCall] = None
-    _waiting_for = ""  # "headers" or "next request"
+    _deadline_at = 0.0
+    _waiting_for = ""  # "headers", "next request", or nothing
     _in_head = False  # between a request line and the end of its headers
     _fields = 0
     _bytes_seen = False
     _refused = False
+    #: the request has a header starting with x or f (X-Forwarded-*, Forwarded)
+    maybe_forwarded = False
 
     def connectionMade(self) -> None:
-        self.limits = self.site.limits
+        self.limits = limits = self.site.limits
+        self._request_line = limits.request_line or LINE_CEILING
+        self._field_size = limits.field_size or LINE_CEILING
+        self._max_fields = limits.fields or LINE_CEILING
         self.MAX_LENGTH = self.limits.longest_line
         self.maxHeaders = self.limits.fields or self.maxHeaders
         self.totalHeadersSize = LINE_CEILING * 2
@@ -91,25 +102,51 @@ class GuardedChannel(http.HTTPChannel):
         self._expect("headers", self.limits.header_timeout)
 
     @property
+    def trusted_peer(self) -> Optional[str]:
+        """This connection's peer address, if its forwarded headers are
+        believed (C{--forwarded-allow-ips}); worked out once."""
+        try:
+            return self._trusted_peer
+        except AttributeError:
+            host = getattr(self.transport.getPeer(), "host", None)
+            if host is None:  # a Unix socket: the proxy is on this host
+                host = "127.0.0.1"
+            trusted = self.site.trusted_proxies.trusts(host)
+            self._trusted_peer: Optional[str] = host if trusted else None
+            return self._trusted_peer
+
+    @property
     def answering(self) -> bool:
         """Is a request of this connection with the app now?"""
         return bool(self._handlingRequest)
 
     # Timers -------------------------------------------------------------------
+    # One deadline per connection, kept as a number: moving it costs no
+    # reactor call.  One timer chases it, re-armed when it fires early.
 
     def _expect(self, what: str, seconds: float) -> None:
-        self._cancel_deadline()
         self._waiting_for = what
-        self._deadline = self.callLater(seconds, self._too_late)
+        self._deadline_at = self.site.reactor.seconds() + seconds
+        timer = self._deadline
+        if timer is None:
+            self._deadline = self.callLater(seconds, self._check_deadline)
+        elif timer.getTime() > self._deadline_at:
+            timer.reset(seconds)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        self._waiting_for = ""  # the timer, if any, finds nothing to do
+
+    def _check_deadline(self) -> None:
         self._deadline = None
-        self._waiting_for = ""
+        if not self._waiting_for:
+            return
+        remaining = self._deadline_at - self.site.reactor.seconds()
+        if remaining > 0:
+            self._deadline = self.callLater(remaining, self._check_deadline)
+        else:
+            self._too_late()
 
     def _too_late(self) -> None:
-        self._deadline = None
         if self._waiting_for == "headers" and self._bytes_seen:
             self.refuse(408)
         else:  # a quiet connection, new or kept alive: no request to answer
@@ -143,24 +180,31 @@ class GuardedChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_deadline()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         super().connectionLost(reason)
 
     # Limits -------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        if not self._in_head:
-            if line:  # (an empty line before a request is tolerated)
-                if self.limits.request_line and len(line) > self.limits.request_line:
-                    return self.refuse(414)
-                self._in_head, self._fields = True, 0
-        elif line:
-            if self.limits.field_size and len(line) > self.limits.field_size:
-                return self.refuse(431)
-            if line[:1] not in b" \t":
-                self._fields += 1
-                if self.limits.fields and self._fields > self.limits.fields:
+        # Every line of every request comes here: kept lean.
+        if self._in_head:
+            if line:
+                if len(line) > self._field_size:
                     return self.refuse(431)
-        super().lineReceived(line)
+                first = line[0]
+                if first != 32 and first != 9:  # not a continuation line
+                    self._fields += 1
+                    if self._fields > self._max_fields:
+                        return self.refuse(431)
+                    if first in _FORWARDED_INITIALS:
+                        self.maybe_forwarded = True
+        elif line:  # (an empty line before a request is tolerated)
+            if len(line) > self._request_line:
+                return self.refuse(414)
+            self._in_head, self._fields, self.maybe_forwarded = True, 0, False
+        _lineReceived(self, line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._in_head:
@@ -177,10 +221,6 @@ class GuardedChannel(http.HTTPChannel):
         if self.limits.body and self.length is not None and self.length > self.limits.body:
             self.refuse(413)
 
-    def allContentReceived(self) -> None:
-        if not self._refused:  # (a chunked body refused midway ends here too)
-            super().allContentReceived()
-
     def body_received(self, length: int) -> None:
         """A request has read C{length} bytes of its body so far."""
         if self.limits.body and length > self.limits.body:
@@ -196,6 +236,8 @@ class GuardedChannel(http.HTTPChannel):
         if self._refused or self.transport.disconnecting:
             return
         self._refused = True
+        # A chunked body refused midway still ends: nothing is to run then.
+        self.allContentReceived = lambda: None  # type: ignore[method-assign]
         self.transport.write(error_response(code))
         self.setRawMode()
         self.rawDataReceived = lambda data: None  # type: ignore[method-assign]

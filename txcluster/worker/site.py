@@ -34,7 +34,7 @@ from twisted.web.server import Request, Site
 
 from twisted.logger import Logger
 
-from ..forwarded import SCHEMES, TrustedProxies, forwarded_client
+from ..forwarded import SCHEMES, TrustedProxies, forwarded_by_trusted
 from .access_log import AccessLog
 from .edge import EdgeLimits, GuardedChannel
 from .locality import Locality
@@ -205,23 +205,24 @@ class TimedRequest(Request):
             super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self._believe_the_proxy()
+        if self.channel.maybe_forwarded:
+            self._believe_the_proxy()
         super().requestReceived(command, path, version)
 
     def _believe_the_proxy(self) -> None:
         """C{--forwarded-allow-ips}: the client and scheme a trusted proxy
         forwarded become this request's (getClientAddress, isSecure, the
         access log)."""
-        peer = self.client
-        host = getattr(peer, "host", None)
-        if host is None:  # a Unix socket: the proxy is local
-            host = "127.0.0.1"
+        host = self.channel.trusted_peer
+        if host is None:
+            return
         headers = self.requestHeaders
 
         def values(name: str) -> List[str]:
-            return headers.getRawHeaders(name, [])  # a str name gives str values
+            raw = headers.getRawHeaders(name.encode())
+            return [value.decode("latin-1") for value in raw] if raw else []
 
-        hop = forwarded_client(host, values, self.channel.site.trusted_proxies)
+        hop = forwarded_by_trusted(host, values, self.channel.site.trusted_proxies)
         if hop is None:
             return
         if hop.host != host:
