@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -246,7 +247,7 @@ class SlowlorisTests(ClusterTestCase):
 
 
 NGINX_CONFIG = """\
-worker_processes 1;
+master_process off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log;
 events {{ worker_connections 256; }}
@@ -283,7 +284,7 @@ class NginxTests(ClusterTestCase):
         process = subprocess.Popen([nginx, "-p", directory, "-c", "nginx.conf",
                                     "-g", "daemon off;"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.addCleanup(lambda: (process.kill(), process.wait()))
+        self.addCleanup(lambda: (os.killpg(process.pid, signal.SIGKILL), process.wait()))
         with socket.socket() as client:
             client.bind(("127.0.0.5", 0))  # an address the cluster does not trust
             client.settimeout(5)
@@ -296,3 +297,43 @@ class NginxTests(ClusterTestCase):
                 received += chunk
         seen = body(received)
         self.assertEqual((seen["client"], seen["secure"]), ("127.0.0.5", False))
+
+
+class Http2Tests(ClusterTestCase):
+    """ALPN offers h2 on ssl: endpoints (the test extra installs twisted[http2]);
+    curl, built with nghttp2, is the client."""
+
+    def setUp(self):
+        from twisted.web import http
+
+        if not http.H2_ENABLED:
+            self.fail("twisted[http2] is not installed: pip install '.[test]'")
+        if shutil.which("curl") is None:
+            self.skipTest("curl is not installed")
+        from .test_endpoints import self_signed
+
+        self.key, self.cert = self_signed(self.directory())
+
+    def curl(self, url, *args):
+        process = subprocess.Popen(["curl", "-s", "--http2", "--cacert", self.cert, *args,
+                                    "-w", "\n%{http_code} %{http_version}", url],
+                                   stdout=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (process.kill(), process.wait(), process.stdout.close()))
+        return process
+
+    def test_served_over_http2_and_drained_with_its_streams_answered(self):
+        cluster = self.start(workers=2, listen=f"ssl:0:privateKey={self.key}:certKey={self.cert}"
+                                               f":interface=127.0.0.1")
+        url = f"https://127.0.0.1:{urlsplit(cluster.url).port}"
+        out, _ = self.curl(url + "/whoami").communicate(timeout=20)
+        answer, status = out.rsplit("\n", 1)
+        self.assertEqual(status, "200 2")
+        self.assertEqual(json.loads(answer)["client"], "127.0.0.1")
+
+        slow = self.curl(url + "/slow?seconds=2")
+        cluster.wait_for_log(r"slow request for 2.0s in flight")
+        cluster.signal(signal.SIGTERM)
+        out, _ = slow.communicate(timeout=20)
+        self.assertEqual(out.rsplit("\n", 1)[1], "200 2")
+        self.assertEqual(cluster.wait_exit(20), 0)
+        self.assertNotIn("Traceback", cluster.output)

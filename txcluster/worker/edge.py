@@ -179,11 +179,16 @@ class GuardedChannel(http.HTTPChannel):
         return super().checkPersistence(request, version)
 
     def connectionLost(self, reason: Any) -> None:
+        self.forget()
+        super().connectionLost(reason)
+
+    def forget(self) -> None:
+        """Stop every timer: the connection is gone, or is another
+        protocol's now (HTTP/2)."""
         self._cancel_deadline()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-        super().connectionLost(reason)
 
     # Limits -------------------------------------------------------------------
 

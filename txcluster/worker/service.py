@@ -22,10 +22,11 @@ from twisted.python.failure import Failure
 from ..app import Cluster, WorkerInfo, call_job, load_app
 from ..cron import CronService, RunGuard, Unguarded
 from ..forwarded import TrustedProxies
-from ..settings import Settings
+from ..settings import Settings, endpoint_kind
 from ..wire import WORKERS_VARIABLE, ExitStatus, WorkerStats
 from .access_log import AccessLog
 from .edge import EdgeLimits
+from .h2 import http2_available
 from .locality import Locality
 from .site import ClusterSite
 from .stats import RequestStats
@@ -126,7 +127,9 @@ class WorkerService(Service):
                                 health=self.settings.health, worker_id=self.info.id,
                                 limits=EdgeLimits.from_settings(self.settings),
                                 trusted_proxies=TrustedProxies.parse(
-                                    self.settings.forwarded_allow_ips))
+                                    self.settings.forwarded_allow_ips),
+                                http2=endpoint_kind(self.settings.listen) == "ssl"
+                                and http2_available())
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:

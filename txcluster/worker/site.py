@@ -200,12 +200,15 @@ class TimedRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_length += len(data)
-        self.channel.body_received(self._body_length)
-        if not self.channel.transport.disconnecting:
-            super().handleContentChunk(data)
+        limit = getattr(self.channel, "body_received", None)  # not on HTTP/2 streams
+        if limit is not None:
+            limit(self._body_length)
+            if self.channel.transport.disconnecting:
+                return
+        super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.channel.maybe_forwarded:
+        if getattr(self.channel, "maybe_forwarded", True):
             self._believe_the_proxy()
         super().requestReceived(command, path, version)
 
@@ -213,7 +216,13 @@ class TimedRequest(Request):
         """C{--forwarded-allow-ips}: the client and scheme a trusted proxy
         forwarded become this request's (getClientAddress, isSecure, the
         access log)."""
-        host = self.channel.trusted_peer
+        channel = self.channel
+        if hasattr(channel, "trusted_peer"):
+            host = channel.trusted_peer
+        else:  # an HTTP/2 stream
+            host = getattr(self.client, "host", "127.0.0.1")
+            if not channel.site.trusted_proxies.trusts(host):
+                host = None
         if host is None:
             return
         headers = self.requestHeaders
@@ -277,7 +286,7 @@ class ClusterSite(Site):
         stats: Optional[RequestStats] = None, health: str = "", worker_id: int = 1,
         limits: EdgeLimits = EdgeLimits(),
         trusted_proxies: TrustedProxies = TrustedProxies.parse("127.0.0.1"),
-        max_connections: Optional[int] = None,
+        max_connections: Optional[int] = None, http2: bool = False,
     ) -> None:
         # Twisted's idle timer (reset by every byte) ends a body that stops
         # coming; the edge's own timers end the rest, and come first.
@@ -285,6 +294,9 @@ class ClusterSite(Site):
                          timeout=max(limits.header_timeout, limits.keep_alive) + 1)
         self.limits = limits
         self.trusted_proxies = trusted_proxies
+        #: offer HTTP/2 through ALPN (C{ssl:} endpoints, h2 installed)
+        self.http2 = http2
+        self._http2_drains: Dict[Any, Any] = {}
         #: answered in front of the app (C{--health}); b"": off
         self.health_path = health.encode()
         self._health = HealthCheck(self, worker_id)
@@ -310,12 +322,27 @@ class ClusterSite(Site):
             return self._health
         return super().getResourceFor(request)
 
-    def buildProtocol(self, addr) -> DrainableChannel:
+    def buildProtocol(self, addr) -> Any:
         if len(self.channels) >= self.max_connections:
             self._make_room()
         channel = super().buildProtocol(addr)
         self.channels[channel] = None
+        if self.http2:
+            from .h2 import NegotiatingChannel
+
+            return NegotiatingChannel(channel, self)
         return channel
+
+    def became_http2(self, channel: DrainableChannel, drain: Any) -> None:
+        """A connection chose HTTP/2: drain it as such from now on."""
+        self.channels.pop(channel, None)
+        self.channels[drain] = None
+        self._http2_drains[drain.connection] = drain
+
+    def http2_closed(self, connection: Any) -> None:
+        drain = self._http2_drains.pop(connection, None)
+        if drain is not None:
+            self.channel_closed(drain)
 
     def _make_room(self) -> None:
         """Out of descriptors soon: drop the oldest connection that is not
