@@ -70,13 +70,13 @@ class TimeoutTests(unittest.TestCase):
         self.assertIn(b"Connection: close", transport.value())
         self.assertTrue(transport.disconnecting)
 
-    def test_a_connection_that_says_nothing_is_closed_without_an_answer(self):
+    def test_a_connection_that_says_nothing_gets_408_too(self):
         channel, transport = connect(self.site)
         self.clock.advance(9.9)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(transport.value(), b"")
+        self.assertEqual(status(transport), 408)
 
     def test_an_idle_kept_alive_connection_closes_after_keep_alive(self):
         channel, transport = connect(self.site)
@@ -86,6 +86,7 @@ class TimeoutTests(unittest.TestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(statuses(transport), [200])  # closed without a word
 
     def test_the_next_request_gets_the_header_timeout_from_its_first_byte(self):
         channel, transport = connect(self.site)

@@ -6,7 +6,8 @@ proxy").
  - The request line and headers must be complete C{header_timeout} seconds
    after the connection opened (or, on a kept-alive connection, after the
    request's first byte), however slowly the bytes trickle in; else 408 and
-   the connection is closed.  That is what ends slowloris.
+   the connection is closed (also when nothing came at all).  That is what
+   ends slowloris.
  - An idle kept-alive connection is closed after C{keep_alive} seconds.
  - A request line over its limit gets 414, too many or too long header
    fields 431, a body over its limit 413 (read no further), junk 400.
@@ -85,7 +86,6 @@ class GuardedChannel(http.HTTPChannel):
     _waiting_for = ""  # "headers", "next request", or nothing
     _in_head = False  # between a request line and the end of its headers
     _fields = 0
-    _bytes_seen = False
     _refused = False
     #: the request has a header starting with x or f (X-Forwarded-*, Forwarded)
     maybe_forwarded = False
@@ -147,13 +147,12 @@ class GuardedChannel(http.HTTPChannel):
             self._too_late()
 
     def _too_late(self) -> None:
-        if self._waiting_for == "headers" and self._bytes_seen:
+        if self._waiting_for == "headers":  # a new connection, or a request begun
             self.refuse(408)
-        else:  # a quiet connection, new or kept alive: no request to answer
+        else:  # idle between two requests: closed without a word (RFC 9112, 9.6)
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self._bytes_seen = True
         if self._waiting_for == "next request":
             self._expect("headers", self.limits.header_timeout)
         super().dataReceived(data)
