@@ -57,11 +57,34 @@ class WorkerChannel:
     cpu: Optional[int] = None
 
 
+class Descriptor(int):
+    """
+    A connection's descriptor, as the master holds it until a worker has
+    its copy.  Not a C{socket.socket}: the master never reads or writes a
+    connection, and building a socket object (with its family and type
+    looked up as enums) cost more than the C{accept} itself.
+    """
+
+    def fileno(self) -> int:
+        return int(self)
+
+    def close(self) -> None:
+        os.close(self)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        """Ask the socket (L{incoming_cpu}); only when workers are pinned."""
+        handle = socket.socket(fileno=self)
+        try:
+            return handle.getsockopt(level, option)
+        finally:
+            handle.detach()
+
+
 class Accepted(NamedTuple):
     """A connection accepted by the master, and the CPU that received it
     (C{None}: unknown, or not asked because no worker is pinned)."""
 
-    client: Any  # socket.socket, or a test's stand-in
+    client: Any  # a Descriptor, or a test's stand-in
     cpu: Optional[int] = None
 
 
@@ -95,6 +118,12 @@ class Dealer:
             self._served[target] = max(self._served.get(target, floor), floor)
         counts = {t: self._served[t] for t in targets}
         shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
+        if all(t.cpu is None for t in targets):  # nothing pinned: the least served
+            for connection in accepted:
+                choice = min(targets, key=counts.__getitem__)
+                counts[choice] += 1
+                shares[choice].append(connection)
+            return [shares[t] for t in targets]
         for connection in accepted:
             least = min(counts.values())
             local = [t for t in targets if t.cpu is not None and t.cpu == connection.cpu]
@@ -212,11 +241,12 @@ class ConnectionDispatcher:
             for client in self._accept_waiting())
         self._send_held(self._serving)
 
-    def _accept_waiting(self) -> List[socket.socket]:
-        accepted: List[socket.socket] = []
+    def _accept_waiting(self) -> List[Descriptor]:
+        accepted: List[Descriptor] = []
+        accept = self._socket._accept  # accept4(), without a socket object per connection
         while len(accepted) + len(self._held) < ACCEPT_BATCH:
             try:
-                client, _ = self._socket.accept()
+                fd, _ = accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -226,7 +256,7 @@ class ConnectionDispatcher:
                 self._stop()
                 self._reactor.callLater(PAUSE_SECONDS, self._start)
                 break
-            accepted.append(client)
+            accepted.append(Descriptor(fd))
         return accepted
 
     def _send_held(self, ready: List[WorkerChannel]) -> None:
@@ -297,7 +327,7 @@ class ConnectionDispatcher:
             for fd in fds:
                 os.close(fd)  # shutting down: like a connection in the backlog
             return
-        self._held.extend(Accepted(socket.socket(fileno=fd)) for fd in fds)
+        self._held.extend(Accepted(Descriptor(fd)) for fd in fds)
         self.handed_back += len(fds)
         self._send_held(self._serving)
 
