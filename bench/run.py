@@ -132,6 +132,11 @@ class Bench:
             raise
         return servers
 
+    def start_nginx(self, name: str, upstreams: Sequence[str]) -> "Nginx":
+        """nginx in front of C{upstreams}, with its default upstream settings
+        (HTTP/1.0, a new connection per request): what most deployments run."""
+        return Nginx(os.path.join(self.tmp.name, name), upstreams)
+
     def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0,
                 round_: int = 0) -> None:
         for close in (False, True):
@@ -166,6 +171,15 @@ class Bench:
                     shared = [stack.enter_context(s) for s in self.start_reuseport(n)]
                     configs.append((f"reuseport-{n}", [shared[0].url], 0))
                 configs += [(name, [c.url], n) for name, c in clusters.items()]
+                if self.o.nginx and n > 1:
+                    first = next(iter(clusters.values()))
+                    behind_cluster = stack.enter_context(
+                        self.start_nginx(f"nginx-cluster-{n}", [first.url]))
+                    behind_parallel = stack.enter_context(
+                        self.start_nginx(f"nginx-parallel-{n}", [s.url for s in servers]))
+                    configs += [(f"nginx->{cluster_name(n, self.o.balance[0])}",
+                                 [behind_cluster.url], n),
+                                (f"nginx->parallel-{n}", [behind_parallel.url], 0)]
                 for round_ in range(self.o.rounds):
                     turn = round_ % len(configs)
                     for config, urls, workers in configs[turn:] + configs[:turn]:
@@ -293,9 +307,14 @@ class Bench:
             pairs += [(cluster_name(n, balance), cluster_name(n, balance.replace("+metrics", "")))
                       for balance in self.o.balance
                       if "+metrics" in balance and balance.replace("+metrics", "") in self.o.balance]
+            if self.o.nginx and n > 1:
+                pairs.append((f"nginx->{cluster_name(n, self.o.balance[0])}",
+                              f"nginx->parallel-{n}"))
             for top, bottom in pairs:
                 cells = [self._ratio_text(top, bottom, mode) for mode in ("keep-alive", "close")]
-                print(f"  {top + ' / ' + bottom:<46}{cells[0]:>15}{cells[1]:>18}")
+                label = f"{top} / {bottom}"
+                print(f"  {label:<46}{cells[0]:>15}{cells[1]:>18}" if len(label) <= 46 else
+                      f"  {label}\n  {'':<46}{cells[0]:>15}{cells[1]:>18}")
 
         print(f"\n{'per-worker share max/min (all rounds)':<50}keep-alive   close")
         for n in self.o.workers:
@@ -315,6 +334,70 @@ class Bench:
             print(f"  {what:<40}{text}")
         print(f"\nload average at the end: {_loadavg()}  (other processes on the machine "
               "skew every number above)")
+
+
+NGINX_CONFIG = """\
+worker_processes auto;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream app {{
+{servers}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """An nginx process group on a free loopback port, killed on exit."""
+
+    def __init__(self, directory: str, upstreams: Sequence[str]) -> None:
+        import shutil
+        import subprocess
+
+        binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+        if binary is None:
+            raise SystemExit("bench/run.py --nginx: nginx is not installed "
+                             "(Debian: apt-get install nginx-light)")
+        os.makedirs(directory, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        servers = "\n".join(f"        server {url.split('//', 1)[1]};" for url in upstreams)
+        with open(os.path.join(directory, "nginx.conf"), "w") as f:
+            f.write(NGINX_CONFIG.format(dir=directory, port=self.port, servers=servers))
+        self.process = subprocess.Popen(
+            [binary, "-p", directory, "-c", "nginx.conf", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.__exit__()
+                raise RuntimeError("nginx did not start")
+            time.sleep(0.05)
+
+    def __enter__(self) -> "Nginx":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def rescheduling_interrupts() -> Optional[int]:
@@ -446,6 +529,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "--metrics "
                         f"(default {','.join(DEFAULT_MODES)})")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
+    p.add_argument("--nginx", action="store_true",
+                   help="also put nginx (Debian package) in front, with its default "
+                        "upstream settings: nginx->cluster-N (the first --balance mode) "
+                        "against nginx->parallel-N (an upstream block of the N --single "
+                        "processes)")
     options = p.parse_args(argv)
     if options.duration is None:
         options.duration = 1 if options.quick else 3
