@@ -95,8 +95,8 @@ class GuardedChannel(http.HTTPChannel):
         self._request_line = limits.request_line or LINE_CEILING
         self._field_size = limits.field_size or LINE_CEILING
         self._max_fields = limits.fields or LINE_CEILING
-        self.MAX_LENGTH = self.limits.longest_line
-        self.maxHeaders = self.limits.fields or self.maxHeaders
+        self.MAX_LENGTH = limits.longest_line
+        self.maxHeaders = self._max_fields  # Twisted's own limits, out of the way
         self.totalHeadersSize = LINE_CEILING * 2
         super().connectionMade()
         self._expect("headers", self.limits.header_timeout)
