@@ -259,12 +259,14 @@ class Bench:
                 total[worker] += count
         return total
 
-    def _ratios(self, top: str, bottom: str, mode: str) -> List[float]:
-        """top/bottom in each round, each pair from one round."""
+    def _ratios(self, top: str, bottom: str, mode: str,
+                figure: str = "rps") -> List[float]:
+        """top/bottom in each round, each pair from one round; of requests/s,
+        or of another figure of the wrk result (C{p99_ms})."""
         by_round: Dict[int, Dict[str, float]] = {}
         for row in self.rows:
             if row.mode == mode and row.config in (top, bottom):
-                by_round.setdefault(row.round, {})[row.config] = row.result.rps
+                by_round.setdefault(row.round, {})[row.config] = getattr(row.result, figure)
         return [v[top] / v[bottom] for v in by_round.values()
                 if top in v and bottom in v and v[bottom]]
 
@@ -315,6 +317,21 @@ class Bench:
                 label = f"{top} / {bottom}"
                 print(f"  {label:<46}{cells[0]:>15}{cells[1]:>18}" if len(label) <= 46 else
                       f"  {label}\n  {'':<46}{cells[0]:>15}{cells[1]:>18}")
+
+        print("\np99 latency (wrk's; with parallel-N, the worst of its wrk processes):"
+              " median ms, and the ratio to the baseline paired by round"
+              f"\n{'':<48}keep-alive             close")
+        for n in self.o.workers:
+            baseline = "single" if n == 1 else f"parallel-{n}"
+            for config in [baseline] + [cluster_name(n, b) for b in self.o.balance]:
+                cells = []
+                for mode in ("keep-alive", "close"):
+                    p99 = statistics.median(row.result.p99_ms for row in self._rows(config, mode))
+                    ratios = self._ratios(config, baseline, mode, "p99_ms")
+                    ratio = f" x{statistics.median(ratios):.2f}" if config != baseline and ratios \
+                        else ""
+                    cells.append(f"{p99:.1f}{ratio}")
+                print(f"  {config:<46}{cells[0]:>15}{cells[1]:>18}")
 
         print(f"\n{'per-worker share max/min (all rounds)':<50}keep-alive   close")
         for n in self.o.workers:
