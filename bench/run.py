@@ -54,7 +54,11 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from peers import PeerServer  # bench/peers.py, beside this script
+from peers import available as peers_available
 from wrk import WrkResult, run_wrk, wrk_available  # bench/wrk.py, beside this script
+
+PEERS = ("gunicorn", "uvicorn", "granian", "node")
 
 try:
     from txcluster.testing import (
@@ -171,6 +175,11 @@ class Bench:
                     shared = [stack.enter_context(s) for s in self.start_reuseport(n)]
                     configs.append((f"reuseport-{n}", [shared[0].url], 0))
                 configs += [(name, [c.url], n) for name, c in clusters.items()]
+                for peer in self.o.peers:
+                    peer_cluster = stack.enter_context(PeerServer(peer, n))
+                    alone = [stack.enter_context(PeerServer(peer, 0)) for _ in range(n)]
+                    configs += [(f"{peer}-{n}", [peer_cluster.url], 0),
+                                (peer_baseline(peer, n), [s.url for s in alone], 0)]
                 if self.o.nginx and n > 1:
                     first = next(iter(clusters.values()))
                     behind_cluster = stack.enter_context(
@@ -309,6 +318,7 @@ class Bench:
             pairs += [(cluster_name(n, balance), cluster_name(n, balance.replace("+metrics", "")))
                       for balance in self.o.balance
                       if "+metrics" in balance and balance.replace("+metrics", "") in self.o.balance]
+            pairs += [(f"{peer}-{n}", peer_baseline(peer, n)) for peer in self.o.peers]
             if self.o.nginx and n > 1:
                 pairs.append((f"nginx->{cluster_name(n, self.o.balance[0])}",
                               f"nginx->parallel-{n}"))
@@ -446,6 +456,11 @@ def _answered_by_new(cluster: RunningCluster, worker: int, old_pid: int) -> bool
     return status == 200 and answer.get("worker") == worker and answer.get("pid") != old_pid
 
 
+def peer_baseline(peer: str, workers: int) -> str:
+    """The peer's own parallel limit: its single process, or N of them."""
+    return f"{peer}-single" if workers == 1 else f"{peer}-parallel-{workers}"
+
+
 def cluster_name(workers: int, variant: str) -> str:
     return f"cluster-{workers}/{variant}"
 
@@ -546,6 +561,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "--metrics "
                         f"(default {','.join(DEFAULT_MODES)})")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on PATH)")
+    p.add_argument("--peers", type=lambda text: [p for p in text.split(",") if p],
+                   default=[],
+                   help="also measure these peers with the same hello world, each as N "
+                        "workers on one port against its own N single processes: any of "
+                        "gunicorn,uvicorn,granian,node (pip install '.[bench]')")
     p.add_argument("--nginx", action="store_true",
                    help="also put nginx (Debian package) in front, with its default "
                         "upstream settings: nginx->cluster-N (the first --balance mode) "
@@ -562,6 +582,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--connections, --threads and --duration must be at least 1")
     if options.threads > options.connections:
         p.error("wrk needs --connections >= --threads")
+    for peer in options.peers:
+        if peer not in PEERS:
+            p.error(f"--peers: {peer!r} is not one of {','.join(PEERS)}")
+        why = peers_available(peer)
+        if why:
+            p.error(f"--peers: {why}")
     return options
 
 
