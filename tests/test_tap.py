@@ -103,3 +103,24 @@ class UsageErrorTests(unittest.TestCase):
     def test_help_still_exits_0(self):
         error = self.assertRaises(SystemExit, settings, "--help")
         self.assertEqual(error.code, 0)
+
+
+class OpenFilesLimitTests(unittest.TestCase):
+    def test_the_soft_limit_is_raised_to_the_hard_one_which_stays(self):
+        import json
+        import subprocess
+        import sys
+
+        script = (
+            "import json, resource\n"
+            "from txcluster.tap import raise_open_files_limit\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "raised = raise_open_files_limit()\n"
+            "print(json.dumps([hard, raised, resource.getrlimit(resource.RLIMIT_NOFILE),\n"
+            "                  raise_open_files_limit()]))\n")
+        hard, raised, now, again = json.loads(subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+        self.assertEqual(now[1], hard)  # the hard limit is left as it was
+        self.assertEqual(raised, [256, now[0]])
+        self.assertIsNone(again)  # nothing left to raise

@@ -64,6 +64,12 @@ class TrustedProxies:
     def __str__(self) -> str:
         return "*" if self.everyone else ",".join(str(n) for n in self.networks)
 
+    def believed(self, peer: object) -> Optional[str]:
+        """The host of C{peer} (a Twisted address) if its forwarded headers
+        are believed, else None.  A Unix socket's peer is on this host."""
+        host = getattr(peer, "host", None) or "127.0.0.1"
+        return host if self.trusts(host) else None
+
     def trusts(self, host: str) -> bool:
         if self.everyone:
             return True

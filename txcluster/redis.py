@@ -265,12 +265,15 @@ class Lease:
         so that a holder that lost its lease unknowingly cannot overwrite a
         later holder's work.
     @ivar lost: set once a renewal found the lease gone or taken.
+    @ivar next_tick: when, on the guard's clock, the holder runs the job
+        next; a released lease lasts until then.
     """
 
     job: str
     token: int
     holder: str
     lost: bool = False
+    next_tick: float = attr.ib(default=0.0, repr=False, eq=False)
 
     @property
     def value(self) -> str:
@@ -340,7 +343,6 @@ class RedisLease:
         self.fence_key = fence_key
         self.timeout = timeout
         self.held: Dict[str, Lease] = {}
-        self._next_tick: Dict[str, float] = {}
         self._unreachable: Set[str] = set()
 
     def key(self, spec: "CronSpec") -> str:
@@ -371,12 +373,11 @@ class RedisLease:
             log.info("cron job {job}: Redis answers again", job=spec.name)
         if answer <= 0:  # held elsewhere, for -answer ms more
             self.held.pop(spec.name, None)
-            self._next_tick.pop(spec.name, None)
             return self._next_attempt(spec, -answer / 1000)
         lease = self.held.get(spec.name)
         if lease is None or lease.token != answer:
             lease = self.held[spec.name] = Lease(spec.name, answer, self.holder)
-        self._next_tick[spec.name] = self.clock.seconds() + spec.seconds
+        lease.next_tick = self.clock.seconds() + spec.seconds
         renewal = LoopingCall(self._renew, spec, lease)
         renewal.clock = self.clock
         renewal.start(lease_seconds(spec.seconds) / 3, now=False)
@@ -386,7 +387,6 @@ class RedisLease:
             renewal.stop()
             if lease.lost:
                 self.held.pop(spec.name, None)
-                self._next_tick.pop(spec.name, None)
         return None
 
     @staticmethod
@@ -426,7 +426,7 @@ class RedisLease:
     async def _release(self) -> None:
         held, self.held = self.held, {}
         for lease in held.values():
-            remaining = self._next_tick.pop(lease.job, 0.0) - self.clock.seconds()
+            remaining = lease.next_tick - self.clock.seconds()
             try:
                 await self._ask(_RELEASE, [self.prefix + lease.job], lease.value,
                                 max(0, round(remaining * 1000)))
@@ -434,15 +434,16 @@ class RedisLease:
                 log.info("cron job {job}: its lease was not released ({why}); it expires "
                          "on its own", job=lease.job, why=e)
 
-    async def _ask(self, script: str, keys: List[str], holder: str, milliseconds: int) -> int:
+    async def _ask(self, script: str, keys: List[str], value: str, milliseconds: int) -> int:
         """
-        Run one of the lease scripts.
+        Run one of the lease scripts with its ARGV: the holder (to acquire)
+        or the lease's value (to renew or release), and milliseconds.
 
         @raise _Unreachable: Redis cannot be asked now.
         """
         if not connected(self.redis):
             raise _Unreachable("not connected")
-        reply = self.redis.eval(script, keys, [holder, milliseconds])
+        reply = self.redis.eval(script, keys, [value, milliseconds])
         try:
             return await reply.addTimeout(self.timeout, self.clock)
         except defer.TimeoutError:

@@ -97,14 +97,15 @@ def raise_open_files_limit() -> Optional[tuple]:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:  # not settable as a soft limit as such
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
+    # An unlimited hard limit is raised to the kernel's default ceiling
+    # (fs.nr_open), and is itself left as it is.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             return None
-        return soft, hard
+        return soft, target
     return None
 
 

@@ -108,11 +108,8 @@ class GuardedChannel(http.HTTPChannel):
         try:
             return self._trusted_peer
         except AttributeError:
-            host = getattr(self.transport.getPeer(), "host", None)
-            if host is None:  # a Unix socket: the proxy is on this host
-                host = "127.0.0.1"
-            trusted = self.site.trusted_proxies.trusts(host)
-            self._trusted_peer: Optional[str] = host if trusted else None
+            self._trusted_peer: Optional[str] = self.site.trusted_proxies.believed(
+                self.transport.getPeer())
             return self._trusted_peer
 
     @property

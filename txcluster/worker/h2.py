@@ -35,6 +35,7 @@ class NegotiatingChannel(http._GenericHTTPChannelProtocol):  # type: ignore[misc
 
     def __init__(self, channel: Any, site: Any) -> None:
         super().__init__(channel)
+        self._drain: Any = None
         # The switch builds its H2Connection from what was set through it.
         self.requestFactory = channel.requestFactory
         self.site = site
@@ -47,12 +48,13 @@ class NegotiatingChannel(http._GenericHTTPChannelProtocol):  # type: ignore[misc
         super().dataReceived(data)
         if self._channel is not first:  # it became HTTP/2
             first.forget()  # its timers; the site no longer drains it
-            self.site.became_http2(first, H2Drain(self._channel))
+            self._drain = H2Drain(self._channel)
+            self.site.became_http2(first, self._drain)
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        if self._negotiatedProtocol == b"h2":
-            self.site.http2_closed(self._channel)
+        if self._drain is not None:
+            self.site.channel_closed(self._drain)
 
 
 class H2Drain:

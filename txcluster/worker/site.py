@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from ..forwarded import SCHEMES, TrustedProxies, forwarded_by_trusted
 from .access_log import AccessLog
 from .edge import EdgeLimits, GuardedChannel
+from .h2 import NegotiatingChannel
 from .locality import Locality
 from .stats import RequestStats
 
@@ -216,13 +217,9 @@ class TimedRequest(Request):
         """C{--forwarded-allow-ips}: the client and scheme a trusted proxy
         forwarded become this request's (getClientAddress, isSecure, the
         access log)."""
-        channel = self.channel
-        if hasattr(channel, "trusted_peer"):
-            host = channel.trusted_peer
-        else:  # an HTTP/2 stream
-            host = getattr(self.client, "host", "127.0.0.1")
-            if not channel.site.trusted_proxies.trusts(host):
-                host = None
+        trusted = self.channel.site.trusted_proxies
+        host = (self.channel.trusted_peer if hasattr(self.channel, "trusted_peer")
+                else trusted.believed(self.client))  # (an HTTP/2 stream's channel)
         if host is None:
             return
         headers = self.requestHeaders
@@ -231,7 +228,7 @@ class TimedRequest(Request):
             raw = headers.getRawHeaders(name.encode())
             return [value.decode("latin-1") for value in raw] if raw else []
 
-        hop = forwarded_by_trusted(host, values, self.channel.site.trusted_proxies)
+        hop = forwarded_by_trusted(host, values, trusted)
         if hop is None:
             return
         if hop.host != host:
@@ -296,7 +293,6 @@ class ClusterSite(Site):
         self.trusted_proxies = trusted_proxies
         #: offer HTTP/2 through ALPN (C{ssl:} endpoints, h2 installed)
         self.http2 = http2
-        self._http2_drains: Dict[Any, Any] = {}
         #: answered in front of the app (C{--health}); b"": off
         self.health_path = health.encode()
         self._health = HealthCheck(self, worker_id)
@@ -328,21 +324,14 @@ class ClusterSite(Site):
         channel = super().buildProtocol(addr)
         self.channels[channel] = None
         if self.http2:
-            from .h2 import NegotiatingChannel
-
             return NegotiatingChannel(channel, self)
         return channel
 
     def became_http2(self, channel: DrainableChannel, drain: Any) -> None:
-        """A connection chose HTTP/2: drain it as such from now on."""
+        """A connection chose HTTP/2: drain it as such from now on (it is
+        L{channel_closed} with C{drain} when it ends)."""
         self.channels.pop(channel, None)
         self.channels[drain] = None
-        self._http2_drains[drain.connection] = drain
-
-    def http2_closed(self, connection: Any) -> None:
-        drain = self._http2_drains.pop(connection, None)
-        if drain is not None:
-            self.channel_closed(drain)
 
     def _make_room(self) -> None:
         """Out of descriptors soon: drop the oldest connection that is not
