@@ -9,10 +9,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
+from twisted.web import http
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from txcluster.forwarded import Hop, TrustedProxies, forwarded_client
-from txcluster.worker.edge import EdgeLimits
+from txcluster.worker.edge import EdgeLimits, GuardedChannel, error_response
 from txcluster.worker.site import ClusterSite
 
 
@@ -155,6 +157,105 @@ class LimitTests(unittest.TestCase):
         channel, transport = connect(site(body=5))
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde")
         self.assertTrue(transport.value().endswith(b"127.0.0.1 http 5"))
+
+
+class RecordingChannel(http.HTTPChannel):
+    """Twisted's own channel, noting what the edge relies on of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines, self.lengths, self.bad_requests = [], [], 0
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self):
+        super().allHeadersReceived()
+        self.lengths.append(self.length)
+
+    def _respondToBadRequestAndDisconnect(self):
+        self.bad_requests += 1
+        super()._respondToBadRequestAndDisconnect()
+
+
+class Pending(Resource):
+    """Answers nothing until the test finishes the request."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class TwistedInternalsTests(unittest.TestCase):
+    """The private and undocumented names of Twisted's HTTPChannel that
+    txcluster.worker.edge uses, with the meaning it relies on: a Twisted
+    that changes one fails here."""
+
+    def connect_twisted(self):
+        channel = RecordingChannel()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_the_names_are_there(self):
+        for name in ("_respondToBadRequestAndDisconnect", "lineReceived", "allHeadersReceived"):
+            self.assertTrue(callable(getattr(http.HTTPChannel, name, None)), name)
+        channel, _ = self.connect_twisted()
+        self.assertIs(channel._handlingRequest, False)
+        # the unbound lineReceived that GuardedChannel calls is super()'s
+        self.assertEqual(GuardedChannel.__bases__, (http.HTTPChannel,))
+
+    def test_respondToBadRequestAndDisconnect_answers_a_malformed_request(self):
+        channel, transport = self.connect_twisted()
+        channel.dataReceived(b"GET\r\nHost: x\r\n\r\n")
+        self.assertEqual(channel.bad_requests, 1)
+        self.assertTrue(transport.disconnecting)
+        ours, transport = connect(site())
+        ours.dataReceived(b"GET\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value(), error_response(400))  # with Connection: close
+        self.assertTrue(transport.disconnecting)
+
+    def test_the_head_comes_line_by_line_through_lineReceived(self):
+        channel, _ = self.connect_twisted()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(channel.lines,
+                         [b"POST / HTTP/1.1", b"Host: x", b"Content-Length: 3", b""])
+
+    def test_length_is_the_declared_body_length_once_the_headers_are_in(self):
+        channel, _ = self.connect_twisted()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        channel.requests[-1].finish()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(channel.lengths, [3, None])
+        # so a body declared over the limit is refused before a byte of it
+        ours, transport = connect(site(body=1024))
+        ours.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
+        self.assertEqual(status(transport), 413)
+
+    def test_handlingRequest_is_true_while_a_request_is_answered(self):
+        channel, _ = self.connect_twisted()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x")
+        self.assertIs(channel._handlingRequest, False)  # not all in yet
+        channel.dataReceived(b"\r\n\r\n")
+        self.assertIs(channel._handlingRequest, True)
+        channel.requests[-1].finish()
+        self.assertIs(channel._handlingRequest, False)
+        # and so is our channel's answering
+        pending = Pending()
+        ours, transport = connect(ClusterSite(pending, Clock()))
+        self.assertFalse(ours.answering)
+        ours.dataReceived(REQUEST)
+        self.assertTrue(ours.answering)
+        pending.requests[0].finish()
+        self.assertEqual(status(transport), 200)
+        self.assertFalse(ours.answering)
 
 
 class ForwardedTests(unittest.TestCase):

@@ -57,6 +57,13 @@ class EdgeLimits:
 #: Initials of the forwarded headers' names, as bytes of a header line.
 _FORWARDED_INITIALS = frozenset(b"xXfF")
 
+# Twisted parses a request's head line by line through
+# HTTPChannel.lineReceived (the body goes to rawDataReceived): the limits
+# below count lines there, then hand each on, unbound because it is the
+# method super() would find (HTTPChannel is GuardedChannel's base) and this
+# runs for every line.  tests/test_worker_edge.py (TwistedInternalsTests)
+# fails if the head stops coming through it, and the limits would be
+# skipped silently.
 _lineReceived = http.HTTPChannel.lineReceived
 
 #: status line of each error this module answers
@@ -115,6 +122,10 @@ class GuardedChannel(http.HTTPChannel):
     @property
     def answering(self) -> bool:
         """Is a request of this connection with the app now?"""
+        # HTTPChannel._handlingRequest: private, but a documented ivar, True
+        # from a request's last byte until its response is finished.  Were it
+        # wrong, shedding (ClusterSite) could abort a connection mid-answer;
+        # TwistedInternalsTests fails if it changes meaning.
         return bool(self._handlingRequest)
 
     # Timers -------------------------------------------------------------------
@@ -156,6 +167,7 @@ class GuardedChannel(http.HTTPChannel):
 
     def timeoutConnection(self) -> None:
         """Twisted's idle timer: here, a body that stopped coming."""
+        # Not while answering (HTTPChannel._handlingRequest, see answering).
         if self.requests and not self._handlingRequest:
             self.refuse(408)
         else:
@@ -219,6 +231,10 @@ class GuardedChannel(http.HTTPChannel):
         self._in_head = False
         self._cancel_deadline()
         super().allHeadersReceived()
+        # HTTPChannel.length (undocumented): the Content-Length just read,
+        # None if chunked.  Were it to mean something else, a body declared
+        # over the limit would be read (up to the limit) before its 413
+        # (body_received); TwistedInternalsTests fails then.
         if self.limits.body and self.length is not None and self.length > self.limits.body:
             self.refuse(413)
 
@@ -228,6 +244,9 @@ class GuardedChannel(http.HTTPChannel):
             self.refuse(413)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        # HTTPChannel's private hook, called for every malformed request; its
+        # own answer is a bare 400 without Connection: close.  Were it renamed,
+        # junk would get that one; TwistedInternalsTests fails then.
         self.refuse(400)
 
     def refuse(self, code: int) -> None:
