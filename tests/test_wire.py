@@ -4,11 +4,17 @@ passed in round-robin mode, and what exit statuses mean."""
 import os
 import socket
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from txcluster.settings import Settings
 from txcluster.wire import (
-    ACCEPT_BATCH, ExitStatus, WorkerEnvironment, receive_connections, send_connections,
+    ACCEPT_BATCH, ExitStatus, Goodbye, QuietAMP, WorkerEnvironment, receive_connections,
+    send_connections,
 )
 
 
@@ -75,6 +81,35 @@ class ConnectionPassingTests(unittest.TestCase):
         self.assertEqual((len(received.fds), received.truncated), (ACCEPT_BATCH, False))
         for fd in received.fds:
             os.close(fd)
+
+
+class QuietAMPTests(unittest.TestCase):
+    """QuietAMP calls BinaryBoxProtocol's makeConnection and connectionLost,
+    skipping AMP's: fine while AMP's only log, which this checks."""
+
+    def connect_ask_lose(self, protocol):
+        """What C{protocol} logged and held while connected, asking once."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        try:
+            protocol.makeConnection(StringTransport())
+            asked = protocol.callRemote(Goodbye, stats="{}")
+            held = set(vars(protocol))
+            protocol.connectionLost(Failure(ConnectionDone()))
+        finally:
+            globalLogPublisher.removeObserver(logged.append)
+        self.failureResultOf(asked, ConnectionDone)  # the connection did its work
+        return [formatEvent(event) for event in logged], held
+
+    def test_amp_only_logs_before_binary_box_protocol_does_the_work(self):
+        self.assertIn(amp.BinaryBoxProtocol, amp.AMP.__bases__)
+        amp_logged, amp_held = self.connect_ask_lose(amp.AMP())
+        quiet_logged, quiet_held = self.connect_ask_lose(QuietAMP())
+        self.assertEqual([line.split(" (")[0] for line in amp_logged],
+                         ["AMP connection established", "AMP connection lost"])
+        self.assertEqual(quiet_logged, [])
+        # what AMP's makeConnection keeps, it keeps for its log line
+        self.assertEqual(amp_held ^ quiet_held, {"_transportPeer", "_transportHost"})
 
 
 class ExitStatusTests(unittest.TestCase):

@@ -232,7 +232,14 @@ class StartCron(amp.Command):
 
 class QuietAMP(amp.AMP):
     """AMP without its connection established/lost log lines: the master
-    logs each worker's start and exit itself."""
+    logs each worker's start and exit itself.
+
+    AMP's own C{makeConnection} and C{connectionLost} log, then call
+    L{amp.BinaryBoxProtocol}'s, which do the work: calling those directly
+    skips the log lines (besides them, AMP's only set up subclasses that
+    skip its C{__init__}, and forget the transport once lost).
+    C{tests/test_wire.py} (C{QuietAMPTests}) fails if AMP's ever keep more.
+    """
 
     def makeConnection(self, transport: ITransport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
