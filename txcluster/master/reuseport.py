@@ -37,7 +37,7 @@ class _ReusePort(tcp.Port):
 
     C{createInternetSocket} is the hook C{tcp.Port.startListening} makes its
     socket with, before it binds: public in name, undocumented in fact.
-    C{tests/test_reuseport.py} checks that every socket of a group has
+    C{tests/test_master_reuseport.py} checks that every socket of a group has
     C{SO_REUSEPORT} set, so a Twisted that stops calling it fails there.
     """
 
