@@ -174,6 +174,38 @@ class EnvironmentTests(unittest.TestCase):
             "ignoring cpu-affinity (from TXCLUSTER_CPU_AFFINITY): "
             "there are no workers to pin with --single",))
 
+    def test_what_single_ignores_is_one_warning_each(self):
+        given = {
+            "--metrics": ("tcp:9100", "ignoring metrics (from --metrics): the master serves "
+                          "them, and there is none with --single"),
+            "--control": ("/run/t.sock", "ignoring control (from --control): the txcluster "
+                          "command talks to a master, and there is none with --single"),
+            "--max-requests": ("1000", "ignoring max-requests (from --max-requests): there are "
+                               "no workers to recycle with --single"),
+            "--max-memory": ("500", "ignoring max-memory (from --max-memory): there are no "
+                             "workers to recycle with --single"),
+        }
+        for option, (value, warning) in given.items():
+            self.assertEqual(parse(["--single", option, value]).warnings, (warning,), option)
+            self.assertEqual(parse([option, value]).warnings, (), option)
+
+    def test_single_under_systemd_does_not_warn_about_the_implied_control_socket(self):
+        settings = parse(["--single"], environ={"RUNTIME_DIRECTORY": "/run/txcluster"})
+        self.assertEqual(settings.warnings, ())
+
+    def test_control_defaults_to_systemds_runtime_directory(self):
+        self.assertIsNone(parse().control)
+        self.assertEqual(parse(environ={"RUNTIME_DIRECTORY": "/run/txcluster"}).control,
+                         "/run/txcluster/txcluster.sock")
+        # RuntimeDirectory= with several directories: the first one
+        self.assertEqual(parse(environ={"RUNTIME_DIRECTORY": "/run/a:/run/b"}).control,
+                         "/run/a/txcluster.sock")
+        for given in (["--control", "/tmp/c.sock"], []):
+            environ = {"RUNTIME_DIRECTORY": "/run/txcluster"}
+            if not given:
+                environ["TXCLUSTER_CONTROL"] = "/tmp/c.sock"
+            self.assertEqual(parse(given, environ=environ).control, "/tmp/c.sock")
+
 
 class ConfigFileTests(unittest.TestCase):
     def write(self, text):

@@ -458,10 +458,27 @@ def resolve(
             f"CPUs: each worker is a whole process with its own reactor, so more than one or "
             f"two per CPU only costs memory and start-up time")
     resolved["config"] = layers.config_path
-    if resolved["single"] and resolved["cpu_affinity"]:
-        layers.warnings.append(f"ignoring cpu-affinity (from {layers.sources['cpu-affinity']}): "
-                               "there are no workers to pin with --single")
+    if resolved["single"]:
+        layers.warnings.extend(_ignored_with_single(resolved, layers.sources))
     return Settings(warnings=tuple(layers.warnings), **resolved)
+
+
+#: What C{--single} has no use for, and why: each one given is a warning.
+IGNORED_WITH_SINGLE = {
+    "cpu-affinity": "there are no workers to pin",
+    "max-requests": "there are no workers to recycle",
+    "max-memory": "there are no workers to recycle",
+    "metrics": "the master serves them, and there is none",
+    "control": "the txcluster command talks to a master, and there is none",
+}
+
+
+def _ignored_with_single(resolved: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
+    """One warning for each setting given that C{--single} ignores (not
+    the control socket systemd's C{RUNTIME_DIRECTORY} implies)."""
+    return [f"ignoring {name} (from {sources[name]}): {why} with --single"
+            for name, why in IGNORED_WITH_SINGLE.items()
+            if resolved[_BY_NAME[name].attribute] and sources[name] != "RUNTIME_DIRECTORY"]
 
 
 class _Layers:
