@@ -167,6 +167,41 @@ class SocketFileTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
 
+    def test_the_socket_file_is_0600_from_the_moment_it_is_bound(self):
+        """Twisted binds, then chmods to mode=: the umask closes that gap.
+        This reactor binds as Twisted does and does not chmod at all."""
+        from txcluster.master.control import ControlFactory, listen_control
+
+        created = []
+
+        class BindOnly:
+            def listenUNIX(self, path, factory, mode):
+                server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                server.bind(path)
+                created.append(stat.S_IMODE(os.stat(path).st_mode))
+                return server
+
+        before = os.umask(0o022)  # a usual umask: bind() alone would make it 0755
+        self.addCleanup(os.umask, before)
+        server = listen_control(BindOnly(), self.path, ControlFactory(FakeMaster()))
+        self.addCleanup(os.unlink, self.path)
+        self.addCleanup(server.close)
+        self.assertEqual(created, [0o600])
+        self.assertEqual(os.umask(0o022), 0o022)  # restored
+
+    def test_the_umask_is_restored_when_binding_fails(self):
+        from txcluster.master.control import ControlFactory, listen_control
+
+        class Failing:
+            def listenUNIX(self, path, factory, mode):
+                raise OSError("no")
+
+        before = os.umask(0o022)
+        self.addCleanup(os.umask, before)
+        self.assertRaises(StartupError, listen_control, Failing(), self.path,
+                          ControlFactory(FakeMaster()))
+        self.assertEqual(os.umask(0o022), 0o022)
+
 
 class StopWaitsForTheMasterToExitTests(unittest.TestCase):
     """C{txcluster stop} returns once the master process is gone, not when

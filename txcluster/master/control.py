@@ -65,17 +65,26 @@ def take_over_stale_socket(path: str) -> None:
     raise StartupError(f"a running master already answers on {path} (--control {path})")
 
 
+#: While the control socket is bound: its file is created 0600, never
+#: briefly open to others between bind() and the chmod that mode= does.
+CONTROL_UMASK = 0o177
+
+
 def listen_control(reactor: Any, path: str, factory: Factory) -> Any:
-    """Listen on C{path}, mode 0600, replacing a stale socket file.
+    """Listen on C{path}, mode 0600 from the start, replacing a stale
+    socket file.
 
     @raise StartupError: see L{take_over_stale_socket}; or it cannot be bound.
     """
     take_over_stale_socket(path)
+    previous_umask = os.umask(CONTROL_UMASK)
     try:
         return reactor.listenUNIX(path, factory, mode=0o600)
     except Exception as e:  # CannotListenError
         reason = getattr(getattr(e, "socketError", None), "strerror", None) or e
         raise StartupError(f"{reason} (--control {path})") from None
+    finally:
+        os.umask(previous_umask)
 
 
 class ControlProtocol(amp.AMP):
