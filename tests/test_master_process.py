@@ -6,6 +6,7 @@ its exit, and what the spawner tells it.
 
 import os
 import signal
+import socket
 
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock
@@ -19,7 +20,9 @@ from txcluster.master.dispatch import WorkerChannel
 from txcluster.master.process import WorkerProcessProtocol, WorkerSpawner
 from txcluster.master.supervisor import ExitInfo
 from txcluster.settings import KERNEL, REUSEPORT, ROUND_ROBIN, Settings
-from txcluster.wire import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus, WorkerStats
+from txcluster.wire import (
+    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus, WorkerStats,
+)
 from txcluster.worker.control import WorkerSide
 from txcluster.worker.locality import Locality
 
@@ -166,14 +169,24 @@ class ProcessProtocolTests(unittest.TestCase):
         killed.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
         self.assertEqual(other.events, [ExitInfo(signal=signal.SIGKILL)])
 
-    def test_exit_closes_the_connection_channel(self):
-        import socket
-
+    def test_exit_releases_then_closes_the_connection_channel(self):
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
-        self.protocol.channel = WorkerChannel(ours)
-        self.protocol.processEnded(Failure(ProcessDone(None)))
+        channel = WorkerChannel(ours)
+        released = []
+        protocol = WorkerProcessProtocol(
+            RecordingWorker(), channel,
+            release_channel=lambda c: released.append((c, c.socket.fileno() != -1)))
+        protocol.makeConnection(FakeProcessTransport())
+        protocol.processEnded(Failure(ProcessDone(None)))
+        self.assertEqual(released, [(channel, True)])
         self.assertEqual(ours.fileno(), -1)
+
+    def test_a_worker_that_sends_garbage_gets_its_control_pipe_closed(self):
+        # AMP drops a connection whose key is over 255 bytes: over a child's
+        # pipe, ChildPipeTransport.loseConnection closes the master's end
+        self.protocol.childDataReceived(CONTROL_FROM_WORKER, b"\x01\x00" + b"k" * 256)
+        self.assertEqual(self.transport.closed_fds, [CONTROL_TO_WORKER])
 
     def test_a_signal_to_a_process_that_exited_is_ignored(self):
         self.protocol.signal(signal.SIGTERM)
@@ -255,3 +268,91 @@ class SpawnerEnvironmentTests(unittest.TestCase):
         unsteered = WorkerSpawner(Clock(), Settings(cpu_affinity=True, balance=REUSEPORT),
                                   Sockets(steers=False), pinning)
         self.assertIsNone(unsteered.environment(2, 2).home_cpu)
+
+
+class SpawningReactor:
+    """spawnProcess, as far as the spawner uses it: the protocol connects to
+    a fake process at once, as with a real reactor."""
+
+    def __init__(self, fails=False):
+        self.spawned = []
+        self._fails = fails
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        self.spawned.append((protocol, protocol.channel, childFDs))
+        if self._fails:
+            raise OSError("EAGAIN")
+        protocol.makeConnection(FakeProcessTransport())
+
+
+class RecordingDispatcher:
+    """The spawner's view of the round-robin dispatcher."""
+
+    def __init__(self):
+        self.watched = []
+        self.unwatched = []
+
+    def watch(self, channel):
+        self.watched.append(channel)
+
+    def unwatch(self, channel):
+        self.unwatched.append(channel)
+
+    def takes_back(self):
+        return True
+
+
+class NotPinning(WorkerSpawner):
+    """A spawner that records whom it would pin (the fake pid is no child)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pinned = []
+
+    def _pin(self, pid, worker_id):
+        self.pinned.append((pid, worker_id))
+
+
+class SpawnerChannelTests(unittest.TestCase):
+    """Round-robin: each process protocol is built with its connection channel."""
+
+    def spawn(self, reactor, pinning=None):
+        dispatcher = RecordingDispatcher()
+        spawner = NotPinning(reactor, Settings(balance=ROUND_ROBIN), Sockets(), pinning,
+                             environ={}, dispatcher=dispatcher)
+        return spawner, dispatcher
+
+    def test_the_protocol_has_its_channel_before_the_process_starts(self):
+        reactor = SpawningReactor()
+        spawner, dispatcher = self.spawn(reactor)
+        protocol = spawner(RecordingWorker(), 1)
+        [(spawned, channel, child_fds)] = reactor.spawned
+        self.assertIs(spawned, protocol)
+        self.assertIsInstance(channel, WorkerChannel)
+        self.assertIs(protocol.channel, channel)
+        self.assertIsNone(channel.cpu)
+        self.assertFalse(channel.socket.getblocking())
+        self.assertIn(CONNECTIONS_FD, child_fds)
+        self.assertEqual(dispatcher.watched, [channel])
+        self.assertEqual(spawner.pinned, [])
+        protocol.processEnded(Failure(ProcessDone(None)))
+        self.assertEqual(dispatcher.unwatched, [channel])
+        self.assertEqual(channel.socket.fileno(), -1)
+
+    def test_a_pinned_workers_channel_names_its_cpu(self):
+        pinning = Pinning(usable_cpus())
+        spawner, dispatcher = self.spawn(SpawningReactor(), pinning)
+        protocol = spawner(RecordingWorker(), 1)
+        can_pin = hasattr(os, "sched_setaffinity")  # not on macOS
+        self.assertEqual(protocol.channel.cpu,
+                         pinning.cpu_of(RecordingWorker.id) if can_pin else None)
+        self.assertEqual(spawner.pinned, [(FakeProcessTransport.pid, RecordingWorker.id)])
+        self.addCleanup(protocol.channel.socket.close)
+
+    def test_a_spawn_that_fails_closes_the_channel(self):
+        reactor = SpawningReactor(fails=True)
+        spawner, dispatcher = self.spawn(reactor)
+        self.assertRaises(OSError, spawner, RecordingWorker(), 1)
+        [(_, channel, _)] = reactor.spawned
+        self.assertEqual(channel.socket.fileno(), -1)
+        self.assertEqual(dispatcher.watched, [])

@@ -31,16 +31,19 @@ log = Logger(namespace="txcluster.master")
 
 
 class WorkerProcessProtocol(ProcessProtocol):
-    """The master's view of one worker process."""
+    """The master's view of one worker process.
 
-    def __init__(self, worker: Worker,
+    @param channel: round-robin mode: where the master sends this worker its
+        connections; closed when the process ends, after C{release_channel}.
+    """
+
+    def __init__(self, worker: Worker, channel: Optional[WorkerChannel] = None,
                  release_channel: Callable[[WorkerChannel], None] = lambda channel: None,
                  takes_back: Callable[[], bool] = lambda: False) -> None:
         self.worker = worker
         self.pid: int = 0
+        self.channel = channel
         self._release_channel = release_channel
-        #: round-robin mode: where the master sends this worker its connections
-        self.channel: Optional[WorkerChannel] = None
         self._tail = OutputTail()
         self._control = MasterSide(on_ready=worker.ready, on_heartbeat=worker.heartbeat,
                                    on_stopping=worker.leaving, on_failed=worker.failed,
@@ -128,35 +131,47 @@ class WorkerSpawner:
         child_fds: Dict[int, Any] = {
             0: "w", 1: "r", 2: "r", CONTROL_FROM_WORKER: "r", CONTROL_TO_WORKER: "w",
         }
-        ours = theirs = None
+        channel: Optional[WorkerChannel] = None
+        theirs: Optional[socket.socket] = None
         if self._settings.balance == ROUND_ROBIN:
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
             child_fds[CONNECTIONS_FD] = theirs.fileno()
+            channel = WorkerChannel(ours, self._cpu_of(worker.id))
         else:
             child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
         dispatcher = self._dispatcher
         protocol = WorkerProcessProtocol(
-            worker,
+            worker, channel,
             release_channel=dispatcher.unwatch if dispatcher else (lambda channel: None),
             takes_back=dispatcher.takes_back if dispatcher else (lambda: False))
         try:
             self._spawn(protocol, worker.id, count, child_fds)
         except BaseException:
-            if ours is not None:
-                ours.close()
+            if channel is not None:
+                channel.socket.close()
             raise
         finally:
             if theirs is not None:
                 theirs.close()  # the worker has its copy now
-        cpu = self._pin(protocol.pid, worker.id) if self._pinning is not None else None
-        if ours is not None:
-            protocol.channel = WorkerChannel(ours, cpu)
-            if self._dispatcher is not None:
-                self._dispatcher.watch(protocol.channel)
+        if self._pinning is not None:
+            self._pin(protocol.pid, worker.id)
+        if channel is not None and dispatcher is not None:
+            dispatcher.watch(channel)
         return protocol
 
-    def _pin(self, pid: int, worker_id: int) -> Optional[int]:
+    def _cpu_of(self, worker_id: int) -> Optional[int]:
+        """The CPU worker C{worker_id} runs on, as its channel tells the
+        dealer; known before the process exists, so that the channel is
+        whole before the protocol is built.  C{None} without --cpu-affinity,
+        or where processes cannot be pinned (not Linux: L{_pin} warns).
+        Should pinning fail all the same (warned), the dealer only prefers
+        that worker for connections received on a CPU it does not run on."""
+        if self._pinning is None or not hasattr(os, "sched_setaffinity"):
+            return None
+        return self._pinning.cpu_of(worker_id)
+
+    def _pin(self, pid: int, worker_id: int) -> None:
         """--cpu-affinity: pin the new process to its CPU (it may have run a
         few instructions elsewhere first, which is harmless)."""
         assert self._pinning is not None
@@ -166,9 +181,8 @@ class WorkerSpawner:
         except (OSError, AttributeError) as e:  # AttributeError: not Linux
             log.warn("could not pin worker {id} to CPU {cpu}: {error}",
                      id=worker_id, cpu=cpu, error=e)
-            return None
+            return
         log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
-        return cpu
 
     def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
                child_fds: Dict[int, Any]) -> None:
