@@ -60,3 +60,53 @@ class CpuTests(unittest.TestCase):
 
     def test_workers_take_the_cpus_in_turn(self):
         self.assertEqual([cpu_for(i, [4, 6]) for i in (1, 2, 3)], [4, 6, 4])
+
+
+class WithoutAffinityCallsTests(unittest.TestCase):
+    """macOS has neither os.sched_getaffinity nor os.sched_setaffinity:
+    'auto' falls back to os.cpu_count, and --cpu-affinity pins nothing,
+    with a note for each worker, while the worker still starts."""
+
+    def setUp(self):
+        for name in ("sched_getaffinity", "sched_setaffinity"):
+            self.addCleanup(setattr, os, name, getattr(os, name))
+            delattr(os, name)
+
+    def test_workers_auto_is_the_cpu_count(self):
+        from txcluster.options import usable_cpu_count
+
+        self.assertFalse(hasattr(os, "sched_getaffinity"))
+        self.assertEqual(usable_cpus(), list(range(os.cpu_count())))
+        self.assertEqual(usable_cpu_count(), default_workers(usable_cpus(), cgroup_cpu_limit()))
+
+    def test_pinning_is_skipped_with_a_note(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from txcluster.cpus import Pinning
+        from txcluster.master.process import WorkerSpawner
+        from txcluster.master.supervisor import Worker
+        from txcluster.settings import Settings
+
+        class SpawningReactor:
+            """Starts nothing; the process gets a pid as a real one would."""
+
+            def spawnProcess(self, protocol, *args, **kwargs):
+                protocol.pid = 4242
+
+        class Listeners:
+            def steers(self, worker_id):
+                return False
+
+        notes = []
+        observer = lambda event: notes.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        spawner = WorkerSpawner(SpawningReactor(), Settings(cpu_affinity=True),
+                                listeners=Listeners(),
+                                pinning=Pinning(usable_cpus()), environ={})
+        protocol = spawner(Worker(supervisor=None, worker_id=1, now=0.0), 1)
+        self.addCleanup(protocol.channel.socket.close)
+        self.assertIsNone(protocol.channel.cpu)  # round-robin deals to it as to any worker
+        self.assertEqual([note for note in notes if "pin" in note],
+                         ["could not pin worker 1 to CPU 0: "
+                          "module 'os' has no attribute 'sched_setaffinity'"])
