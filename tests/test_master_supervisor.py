@@ -110,6 +110,15 @@ class StartTests(unittest.TestCase):
 
 
 class RespawnTests(unittest.TestCase):
+    def test_each_worker_is_made_with_its_own_process_for_life(self):
+        h = Harness(count=1)
+        h.start_all_ready()
+        old = h.die(1, after=10)
+        h.clock.advance(0)
+        new = h.current(1)
+        self.assertEqual([(w.process, w.process.worker) for w in (old, new)],
+                         [(h.spawned[0], old), (h.spawned[1], new)])
+
     def test_crash_respawns_same_id(self):
         h = Harness(count=2)
         h.start_all_ready()
@@ -344,7 +353,11 @@ class RobustnessTests(unittest.TestCase):
 
         h.supervisor._spawn = flaky
         h.supervisor.start()
+        failed = h.current(2)
+        self.assertIsNone(failed.process)
+        self.assertEqual(str(failed.start_error), "[Errno 24] Too many open files")
         h.clock.advance(0)
+        self.assertEqual(failed.exit, ExitInfo(error="[Errno 24] Too many open files"))
         self.assertEqual(h.supervisor.fast_crashes, 1)
         self.assertIsNone(h.supervisor.slots[2])
         h.clock.advance(0.25)

@@ -144,10 +144,14 @@ class ProcessHandle(Protocol):
 class Worker:
     """One worker process, as the supervisor tracks it.
 
-    The process side calls L{ready}, L{heartbeat} and L{exited}.
+    A Worker lives as long as its process: a respawn or a replacement makes
+    a new one, and the worker id's slot (L{Supervisor.slots}) moves to it.
+    It starts its process as it is made (C{spawn}); the process side then
+    calls L{ready}, L{heartbeat} and L{exited}.
     """
 
-    def __init__(self, supervisor: "Supervisor", worker_id: int, now: float) -> None:
+    def __init__(self, supervisor: "Supervisor", worker_id: int, now: float,
+                 spawn: Callable[["Worker"], ProcessHandle]) -> None:
         self.id = worker_id
         self.started_at = now
         self.last_heard = now
@@ -155,7 +159,6 @@ class Worker:
         self.retiring = False
         self.runs_cron = False
         self.exit: Optional[ExitInfo] = None
-        self.process: Optional[ProcessHandle] = None
         #: what it last reported having served
         self.stats = WorkerStats()
         #: resident memory in bytes, as the master last read it (0: not yet)
@@ -167,6 +170,14 @@ class Worker:
         self._supervisor = supervisor
         self._ready_waiters: List[Deferred] = []
         self._exit_waiters: List[Deferred] = []
+        #: its process, started last, once the rest is set; None if it
+        #: could not be (then L{start_error} says why)
+        self.process: Optional[ProcessHandle] = None
+        self.start_error: Optional[Exception] = None
+        try:
+            self.process = spawn(self)
+        except Exception as e:  # EMFILE, EAGAIN
+            self.start_error = e
 
     def __repr__(self) -> str:
         return f"worker {self.id} (pid {self.pid})"
@@ -331,13 +342,13 @@ class Supervisor:
     # Process lifecycle --------------------------------------------------------
 
     def _start_process(self, worker_id: int) -> Worker:
-        worker = Worker(self, worker_id, self.clock.seconds())
+        worker = Worker(self, worker_id, self.clock.seconds(),
+                        lambda worker: self._spawn(worker, self._count))
         self.processes.append(worker)
-        try:
-            worker.process = self._spawn(worker, self._count)
-        except Exception as e:  # EMFILE, EAGAIN: counts as a fast crash
-            log.error("cannot start worker {id}: {error}", id=worker_id, error=e)
-            self.clock.callLater(0, worker.exited, ExitInfo(error=str(e)))
+        error = worker.start_error
+        if error is not None:  # counts as a fast crash
+            log.error("cannot start worker {id}: {error}", id=worker_id, error=error)
+            self.clock.callLater(0, worker.exited, ExitInfo(error=str(error)))
             return worker
         log.info("worker {id} (pid {pid}) started", id=worker_id, pid=worker.pid)
         self.clock.callLater(self.policy.fast_crash_seconds, self._survived, worker)
