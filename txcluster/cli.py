@@ -19,10 +19,15 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from .control import ControlError, Reload, Scale, Status, Stop
+from .options import SETTINGS
 
 #: How long a command waits for the master's answer (a reload of many
 #: slow workers, a scale-up) before it gives up.
 DEFAULT_TIMEOUT = 600.0
+
+#: The variable that names the control socket: the one of the master's
+#: C{--control} option, from its table (the first of its (variable, parser)).
+CONTROL_VARIABLE: str = next(s.env[0][0] for s in SETTINGS if s.name == "control")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,8 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse(argv: Sequence[str], environ: Dict[str, str]) -> argparse.Namespace:
     parser = _Parser(prog="txcluster", description="Control a running txcluster master.")
-    parser.add_argument("--control", metavar="PATH", default=environ.get("TXCLUSTER_CONTROL"),
-                        help="the master's control socket (default: $TXCLUSTER_CONTROL)")
+    parser.add_argument("--control", metavar="PATH", default=environ.get(CONTROL_VARIABLE),
+                        help=f"the master's control socket (default: ${CONTROL_VARIABLE})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"seconds to wait for the master (default {DEFAULT_TIMEOUT:.0f})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -45,7 +50,7 @@ def parse(argv: Sequence[str], environ: Dict[str, str]) -> argparse.Namespace:
     commands.add_parser("stop", help="graceful shutdown; wait until the master has exited")
     options = parser.parse_args(argv)
     if not options.control:
-        parser.error("no control socket: give --control PATH or set TXCLUSTER_CONTROL")
+        parser.error(f"no control socket: give --control PATH or set {CONTROL_VARIABLE}")
     return options
 
 
