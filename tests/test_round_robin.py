@@ -191,6 +191,17 @@ class RoundRobinTests(unittest.TestCase):
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
         self.assertIn(self.dispatcher, self.reactor.readers)
 
+    def test_cpython_private_accept_still_returns_a_descriptor_and_an_address(self):
+        """The dispatcher accepts with socket.socket._accept (no socket object
+        per connection): if CPython changes it, this fails first."""
+        client = self.connect(1)[0]
+        fd, address = self.listener._accept()
+        try:
+            self.assertIsInstance(fd, int)
+            self.assertEqual(address, client.getsockname())
+        finally:
+            os.close(fd)
+
     def test_a_failing_listening_socket_pauses_accepting_instead_of_spinning(self):
         self.listener.shutdown(socket.SHUT_RDWR)  # accept() now fails every time
         self.dispatcher.doRead()  # returns

@@ -113,17 +113,15 @@ class Dealer:
     def deal(self, accepted: Sequence[Accepted],
              targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
         """Each target's share of C{accepted}; L{record} what it took."""
-        floor = max(self._served.values(), default=0) - (self.SLACK + 1)
-        for target in targets:
-            self._served[target] = max(self._served.get(target, floor), floor)
-        counts = {t: self._served[t] for t in targets}
-        shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
         if all(t.cpu is None for t in targets):  # nothing pinned: the least served
-            for connection in accepted:
-                choice = min(targets, key=counts.__getitem__)
-                counts[choice] += 1
-                shares[choice].append(connection)
-            return [shares[t] for t in targets]
+            shares, start = [], 0
+            for n in self.split(len(accepted), targets):
+                shares.append(list(accepted[start:start + n]))
+                start += n
+            return shares
+        served = self._lifted(targets)
+        counts = {t: n for t, n in zip(targets, served)}
+        pinned: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
         for connection in accepted:
             least = min(counts.values())
             local = [t for t in targets if t.cpu is not None and t.cpu == connection.cpu]
@@ -131,8 +129,30 @@ class Dealer:
             if choice is None or counts[choice] > least + self.SLACK:
                 choice = min(targets, key=counts.__getitem__)
             counts[choice] += 1
-            shares[choice].append(connection)
-        return [shares[t] for t in targets]
+            pinned[choice].append(connection)
+        return [pinned[t] for t in targets]
+
+    def split(self, n: int, targets: Sequence[WorkerChannel]) -> List[int]:
+        """How many of C{n} connections each target takes when none is
+        pinned: each to the least served, in the order given; L{record}
+        what it took."""
+        served = self._lifted(targets)
+        counts = [0] * len(served)
+        for _ in range(n):
+            least = served.index(min(served))
+            served[least] += 1
+            counts[least] += 1
+        return counts
+
+    def _lifted(self, targets: Sequence[WorkerChannel]) -> List[int]:
+        """How many connections each target has taken, after lifting those
+        that fell more than C{SLACK + 1} behind the most served."""
+        served = [self._served.get(t) for t in targets]
+        floor = max(self._served.values(), default=0) - (self.SLACK + 1)
+        if any(n is None or n < floor for n in served):
+            served = [floor if n is None else max(n, floor) for n in served]
+            self._served.update(zip(targets, served))
+        return served  # type: ignore[return-value]
 
     def record(self, target: WorkerChannel, n: int) -> None:
         """C{target} took C{n} connections."""
@@ -165,6 +185,7 @@ class ConnectionDispatcher:
         self._socket = socket.socket(fileno=os.dup(listening_fd))
         self._socket.setblocking(False)
         self._serving: List[WorkerChannel] = []
+        self._steering = False  # some serving worker is pinned
         self._dealer = Dealer()
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
@@ -189,6 +210,8 @@ class ConnectionDispatcher:
         """From now on, deal connections to C{channels} (the ready workers
         that are not stopping), in this order; none: stop accepting."""
         self._serving = list(channels)
+        self._steering = any(t.cpu is not None for t in self._serving)
+        self._dealer.keep_only(self._serving)
         if self._serving:
             self._start()
         else:
@@ -235,15 +258,22 @@ class ConnectionDispatcher:
         if not self._serving:  # pragma: no cover - serve([]) stopped reading
             self._stop()
             return
-        steering = any(t.cpu is not None for t in self._serving)
-        self._held.extend(
-            Accepted(client, incoming_cpu(client) if steering else None)
-            for client in self._accept_waiting())
-        self._send_held(self._serving)
+        fds = self._accept_waiting()
+        if self._held or self._steering:
+            self._held.extend(Accepted(client, incoming_cpu(client) if self._steering else None)
+                              for client in map(Descriptor, fds))
+            self._send_held(self._serving)
+        elif fds:
+            self._send_fresh(fds)
 
-    def _accept_waiting(self) -> List[Descriptor]:
-        accepted: List[Descriptor] = []
-        accept = self._socket._accept  # accept4(), without a socket object per connection
+    def _accept_waiting(self) -> List[int]:
+        accepted: List[int] = []
+        # CPython's socket.accept() is written over the private _accept(),
+        # which returns the new descriptor and the peer's address (since 3.3,
+        # tests/test_round_robin.py checks it): calling it directly saves
+        # building a socket object per connection, which the master would
+        # only close once a worker has its copy.
+        accept = self._socket._accept
         while len(accepted) + len(self._held) < ACCEPT_BATCH:
             try:
                 fd, _ = accept()
@@ -256,8 +286,32 @@ class ConnectionDispatcher:
                 self._stop()
                 self._reactor.callLater(PAUSE_SECONDS, self._start)
                 break
-            accepted.append(Descriptor(fd))
+            accepted.append(fd)
         return accepted
+
+    def _send_fresh(self, fds: List[int]) -> None:
+        """The common case, kept short: nothing held and nothing pinned, so
+        each serving worker takes its L{Dealer.split} of C{fds} in one
+        message.  What a worker cannot take goes the way of held
+        connections (L{_send_held}), over the others."""
+        sent = 0
+        try:
+            for target, n in zip(self._serving, self._dealer.split(len(fds), self._serving)):
+                if n:
+                    batch = fds[sent:sent + n]
+                    try:
+                        send_connections(target.socket, batch)
+                    except OSError:
+                        break
+                    for fd in batch:
+                        os.close(fd)  # the worker has its copy
+                    self._dealer.record(target, n)
+                    sent += n
+        finally:
+            self.dispatched += sent
+            if sent < len(fds):
+                self._held.extend(Accepted(Descriptor(fd)) for fd in fds[sent:])
+                self._send_held(self._serving)
 
     def _send_held(self, ready: List[WorkerChannel]) -> None:
         """Deal the held connections over the C{ready} workers, one message
@@ -265,7 +319,6 @@ class ConnectionDispatcher:
         its fd limit) leaves it to be dealt again over the others.  What
         none takes stays held: accepting stops, and while some worker is
         ready a retry is due (else the next L{serve})."""
-        self._dealer.keep_only(ready)
         targets = list(ready)
         try:
             while self._held and targets:
