@@ -104,7 +104,8 @@ class WithoutAffinityCallsTests(unittest.TestCase):
         spawner = WorkerSpawner(SpawningReactor(), Settings(cpu_affinity=True),
                                 listeners=Listeners(),
                                 pinning=Pinning(usable_cpus()), environ={})
-        protocol = spawner(Worker(supervisor=None, worker_id=1, now=0.0), 1)
+        protocol = Worker(supervisor=None, worker_id=1, now=0.0,
+                          spawn=lambda worker: spawner(worker, 1)).process
         self.addCleanup(protocol.channel.socket.close)
         self.assertIsNone(protocol.channel.cpu)  # round-robin deals to it as to any worker
         self.assertEqual([note for note in notes if "pin" in note],
