@@ -6,7 +6,7 @@ import socket
 import tempfile
 
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from txcluster.master.systemd import Systemd, watchdog_interval
@@ -57,6 +57,20 @@ class NotifyTests(unittest.TestCase):
         systemd.ready("ok")
         systemd.stopping()
         self.assertEqual(len(warnings), 1)
+
+    def test_an_address_that_is_not_even_a_path_is_one_warning_and_no_error(self):
+        warnings = []
+        observer = lambda event: warnings.append(formatEvent(event)) if "NOTIFY_SOCKET" in str(
+            event.get("log_format")) else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        # A lone surrogate: sendto raises UnicodeEncodeError, a ValueError,
+        # not an OSError.
+        systemd = Systemd(Clock(), {"NOTIFY_SOCKET": "/run/\ud800notify"})
+        systemd.ready("ok")
+        systemd.reloading()
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("surrogates not allowed", warnings[0])
 
 
 class RealSocketTests(unittest.TestCase):

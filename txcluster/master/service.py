@@ -14,12 +14,13 @@ from __future__ import annotations
 import inspect
 import os
 import signal
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..cpus import Pinning, usable_cpus
 from ..settings import REUSEPORT, ROUND_ROBIN, Settings
@@ -36,11 +37,43 @@ log = Logger(namespace="txcluster.master")
 #: How often C{txcluster scale} looks again for a worker being respawned.
 RESPAWN_POLL_SECONDS = 0.1
 
-#: Signals the master has no use for, and that must never be fatal
-#: (SIGUSR2's default action kills; a terminal's SIGWINCH, a closed pipe's
-#: SIGPIPE).  A handler that does nothing, unlike SIG_IGN, is not inherited
-#: by the workers.
-HARMLESS_SIGNALS = (signal.SIGUSR2, signal.SIGWINCH, signal.SIGPIPE)
+#: Signals whose default action is not to end the process (it ignores,
+#: stops or continues it): they need no handler to be harmless.
+NOT_FATAL_BY_DEFAULT = frozenset({
+    signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
+    signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+})
+
+#: Faults, and the signals no process may catch: a fault's handler that
+#: returns runs the faulting instruction again, so they keep killing (and
+#: dumping core).
+LEFT_FATAL = frozenset({
+    signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT,
+    signal.SIGTRAP, signal.SIGSYS, signal.SIGKILL, signal.SIGSTOP,
+})
+
+#: Ignored without a log line: a write to a closed pipe or socket says
+#: EPIPE anyway, and happens whenever a worker or a client goes away.
+QUIET_SIGNALS = frozenset({signal.SIGPIPE})
+
+
+def harmless_signals(used: Iterable[int]) -> List[int]:
+    """
+    The signals to make harmless in a process that handles C{used}: every
+    catchable one whose default action would end it (SIGUSR2, SIGALRM,
+    SIGPIPE, real-time signals, ...), but the faults.  Their handler at
+    most logs them, and unlike SIG_IGN is not inherited by the workers.
+    """
+    return sorted(set(signal.valid_signals()) - NOT_FATAL_BY_DEFAULT - LEFT_FATAL - set(used))
+
+
+def signal_name(signum: int) -> str:
+    """C{SIGALRM}; Linux's real-time signals have no name of their own:
+    C{SIGRTMIN+1}."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 def twistd_log_file(handler: Any) -> Optional[Any]:
@@ -94,6 +127,8 @@ class SignalledService(MultiService):
         self._stopping = False
         self._leaving = False
         self._log_file: Optional[Any] = None
+        #: harmless signals that have arrived (each is logged the first time)
+        self._ignored: Set[int] = set()
         #: what the process's setup did, logged once it runs
         self.notes: List[str] = []
 
@@ -143,11 +178,20 @@ class SignalledService(MultiService):
         add ours.  Each handler only schedules its action in the reactor."""
         if self._log_file is None:
             self._log_file = twistd_log_file(signal.getsignal(signal.SIGUSR1))
-        for signum, action in self.signal_actions().items():
+        actions = self.signal_actions()
+        for signum, action in actions.items():
             signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(
                 self._run_signal_action, a))
-        for signum in HARMLESS_SIGNALS:
-            signal.signal(signum, lambda n, frame: None)
+        for signum in harmless_signals(actions):
+            signal.signal(signum, (lambda n, frame: None) if signum in QUIET_SIGNALS else
+                          lambda n, frame: self.reactor.callFromThread(self.ignored, n))
+
+    def ignored(self, signum: int) -> None:
+        """A signal we have no use for arrived: said once, then silently."""
+        if signum not in self._ignored:
+            self._ignored.add(signum)
+            log.info("ignored {name}: txcluster has no use for it (not logged again)",
+                     name=signal_name(signum))
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate): reopen every log file, ours and the app's."""
@@ -237,6 +281,11 @@ class MasterService(SignalledService):
         )
         self.memory = MemoryWatch(self.supervisor, reactor)
         self.started_at = reactor.seconds()
+        #: workers still starting when the logs were reopened: each is told
+        #: to reopen its own once it is ready
+        self._reopen_once_ready: Set[Worker] = set()
+        #: the callers of the rolling restart under way, if there is one
+        self._reload_waiters: List[Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -300,29 +349,48 @@ class MasterService(SignalledService):
                 worker.process.tell_leaving()
 
     def reopen_app_logs(self) -> None:
-        # Only workers that are serving have their SIGUSR1 handler for sure
-        # (its default action kills); one still starting opens the new file.
+        """Every worker reopens its access log: a ready one at once; one
+        still starting, which may have opened the rotated file already, as
+        soon as it is ready (only then is its SIGUSR1 handler sure to be
+        installed)."""
         for worker in self.supervisor.processes:
             if worker.is_ready:
                 worker.signal(signal.SIGUSR1)
+            elif worker not in self._reopen_once_ready:
+                self._reopen_once_ready.add(worker)
+                worker.when_ready().addCallbacks(
+                    lambda ready: ready.signal(signal.SIGUSR1),
+                    lambda failure: failure.trap(WorkerDied)).addBoth(
+                    lambda _, w=worker: self._reopen_once_ready.discard(w))
 
     def reload(self) -> Deferred:
-        """SIGHUP: a rolling restart; systemd (Type=notify-reload) hears
-        RELOADING=1 when it begins and READY=1 once it is over, done or not.
+        """SIGHUP: a rolling restart.  For systemd (Type=notify-reload)
+        every request is RELOADING=1, and the end of the rolling restart it
+        started or joined (one is under way) is READY=1, done or not.
         Fires with None when done, else why not."""
         log.info("rolling restart requested")
-        starts = not (self.supervisor.reloading or self.supervisor.stopping)
-        if starts:
-            self.systemd.reloading()
-        restart = ensureDeferred(self.supervisor.rolling_restart())
+        if self.supervisor.stopping:
+            log.info("the master is stopping; rolling restart ignored")
+            return succeed("the master is stopping")
+        self.systemd.reloading()
+        waiter: Deferred = Deferred()
+        self._reload_waiters.append(waiter)
+        if len(self._reload_waiters) > 1:
+            log.info("a rolling restart is under way: this request waits for its end")
+        else:
+            ensureDeferred(self.supervisor.rolling_restart()).addBoth(self._reload_over)
+        return waiter
 
-        def over(result: Any) -> Any:
-            if starts and not self.supervisor.stopping:
-                self.systemd.ready(self._status())
-            return result
-
-        return restart.addBoth(over).addCallback(
-            lambda done: None if done else self.supervisor.replace_error or "not done")
+    def _reload_over(self, outcome: Union[bool, Failure]) -> None:
+        """READY=1 once, and every request that waited hears the outcome."""
+        waiters, self._reload_waiters = self._reload_waiters, []
+        if not self.supervisor.stopping:
+            self.systemd.ready(self._status())
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(None if outcome else self.supervisor.replace_error or "not done")
 
     def hurry(self) -> None:
         self.supervisor.stop(fast=True)

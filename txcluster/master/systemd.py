@@ -63,11 +63,12 @@ class Systemd:
             return
         try:
             self._send(address, message.encode())
-        except OSError as e:
+        except Exception as e:  # OSError; ValueError for an embedded NUL
             if not self._warned:  # once: the next would fail the same way
                 self._warned = True
-                log.warn("cannot notify systemd at NOTIFY_SOCKET={address}: {error}; "
-                         "going on without", address=address, error=e.strerror or e)
+                log.warn("cannot notify systemd at NOTIFY_SOCKET={address!r}: {error}; "
+                         "going on without", address=address,
+                         error=getattr(e, "strerror", None) or e)
         else:
             self._warned = False
 

@@ -10,7 +10,6 @@ so a unit test drives it on a L{MemoryReactorClock}; L{main} runs it for real.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
 import sys
@@ -122,16 +121,15 @@ class WorkerProcess:
         - SIGTERM stops once, however many arrive (the master's, and the
           one systemd or a shell sends to the whole group);
         - SIGQUIT stops without waiting for the requests in flight;
-        - SIGUSR1 reopens the access log (logrotate);
-        - SIGUSR2 writes every thread's stack to stderr, at once, even if
-          the reactor is stuck: the master asks before it kills a hung worker.
+        - SIGUSR1 reopens the access log (logrotate); it was ignored
+          while we started (L{txcluster.worker.__main__}, which also made
+          SIGUSR2 write every thread's stack from the start).
         """
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for signum, action in ((signal.SIGTERM, self.stop),
                                (signal.SIGQUIT, self.stop_fast),
                                (signal.SIGUSR1, self.reopen_logs)):
             signal.signal(signum, lambda n, frame, a=action: self.reactor.callFromThread(a))
-        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
 
     def stop(self) -> None:
         """Stop the reactor once, whoever asks (a signal, the master's
