@@ -23,6 +23,16 @@ from txcluster.testing import Load, pid_alive, twistd_command, wait_until
 from .integration import ROOT, ClusterTestCase, clean_environment, free_port
 
 
+def ignored_signals(pid):
+    """The signals process C{pid} ignores (SIG_IGN), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    except (OSError, StopIteration):
+        return set()
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+
+
 def environ_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:
         return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
@@ -32,11 +42,35 @@ class SignalTests(ClusterTestCase):
     def test_harmless_signals_change_nothing(self):
         cluster = self.start(workers=2)
         pids = cluster.worker_pids()
-        for signum in (signal.SIGUSR2, signal.SIGWINCH, signal.SIGPIPE):
+        for signum in (signal.SIGUSR2, signal.SIGWINCH, signal.SIGPIPE, signal.SIGALRM,
+                       signal.SIGRTMIN + 1):
             cluster.signal(signum)
+        cluster.wait_for_log(r"ignored SIGRTMIN\+1")
         self.assertEqual(cluster.get_json("/")["workers"], 2)
         self.assertIsNone(cluster.process.poll())
         self.assertEqual(cluster.worker_pids(), pids)
+        for name in ("SIGUSR2", "SIGALRM"):
+            self.assertEqual(cluster.output.count(f"ignored {name}"), 1, name)
+        self.assertNotIn("ignored SIGPIPE", cluster.output)  # routine: EPIPE says it all
+
+    def test_sigusr1_and_sigusr2_to_the_whole_group_spare_starting_workers(self):
+        """logrotate with killall, or an operator, while workers start: a
+        starting worker ignores SIGUSR1 and dumps its stack on SIGUSR2
+        from its first lines, before its slow imports."""
+        cluster = self.start(workers=2, ready=0)
+        starting = [int(cluster.wait_for_log(r"worker \d \(pid (\d+)\) started", count=n)[1])
+                    for n in (1, 2)]
+        # Past its first lines (SIGUSR1 ignored), its reactor not running
+        # yet (no handler of its own): the moment the default would kill.
+        wait_until(lambda: all(signal.SIGUSR1 in ignored_signals(pid) for pid in starting),
+                   10, "workers ignoring SIGUSR1 while they start", interval=0.001)
+        os.killpg(cluster.pid, signal.SIGUSR1)
+        os.killpg(cluster.pid, signal.SIGUSR2)
+        cluster.wait_ready(2)
+        self.assertEqual(set(cluster.ready_workers().values()), set(starting))
+        self.assertEqual(cluster.worker_pids(), set(starting))
+        self.assertNotIn("exited", cluster.output)
+        self.assertIn("ignored SIGUSR2", cluster.output)
 
     def test_sigquit_stops_at_once_with_status_0(self):
         cluster = self.start(workers=2, args=["--shutdown-timeout", "60"])
@@ -182,22 +216,88 @@ class SystemdTests(ClusterTestCase):
 
 class RecyclingTests(ClusterTestCase):
     def test_max_requests_under_load_fails_nothing(self):
+        """The load runs until each worker has been recycled, one of them
+        twice (none is recycled in its first 5 s), and their successors
+        serve: no request fails, and none needs a retry, since a recycled
+        worker hands its idle kept-alive connections back to the master."""
         cluster = self.start(app=None, workers=2,
                              args=["--max-requests", "50", "--max-requests-jitter", "10"])
         first = cluster.worker_pids()
-        with Load(cluster.url, close_clients=2, keepalive_clients=2, max_requests=150,
-                  max_seconds=60) as load:
-            load.wait(60)
+
+        def each_recycled_one_twice_and_replaced():
+            output = cluster.output
+            recycled = [len(re.findall(rf"worker {worker_id} \(pid \d+\) recycled: \d+ "
+                                       rf"requests", output)) for worker_id in (1, 2)]
+            ready = len(re.findall(r"worker \d \(pid \d+\) ready", output))
+            return min(recycled) >= 1 and sum(recycled) >= 3 and ready >= 2 + sum(recycled)
+
+        with Load(cluster.url, close_clients=2, keepalive_clients=2, max_seconds=40) as load:
+            wait_until(each_recycled_one_twice_and_replaced, 30,
+                       "each worker recycled, one twice", cluster._tail)
+            sent = load.sent
+            wait_until(lambda: load.sent > sent + 100, 10, "requests to the successors")
+            lasted = all(thread.is_alive() for thread in load.threads)
+        self.assertTrue(lasted, "the load ended before the recycling did")
         self.assertEqual((load.failed, load.errors[:3]), (0, []))
-        self.assertEqual(load.sent, 600)
-        cluster.wait_for_log(r"worker \d \(pid \d+\) recycled: \d+ requests")
-        wait_until(lambda: not (cluster.worker_pids() & first), 20, "new worker processes")
+        self.assertEqual(load.retried, 0)
+        self.assertFalse(cluster.worker_pids() & first)
 
     def test_max_memory(self):
         cluster = self.start(app=None, workers=1, args=["--max-memory", "1"])
         line = cluster.wait_for_log(r"worker 1 \(pid \d+\) recycled: RSS \d+ MiB > 1 MiB")
         self.assertTrue(line)
         self.assertEqual(cluster.get_json("/")["worker"], 1)
+
+
+class CgroupQuotaTests(ClusterTestCase):
+    """C{--workers auto} in a cgroup (v1's cpu controller, as on this
+    machine) limited to 1 CPU starts 1 worker, whatever the CPUs."""
+
+    QUOTA_CPUS = 1
+
+    def cpu_cgroup(self):
+        """A new child of this process's cpu cgroup, removed after the test:
+        its directory, and its line in /proc/PID/cgroup."""
+        with open("/proc/self/cgroup") as f:
+            v1 = [line.split(":", 2) for line in f.read().splitlines()
+                  if "cpu" in line.split(":")[1].split(",")]
+        if os.geteuid() != 0 or not v1:
+            self.fail("needs root and cgroup v1's cpu controller (/sys/fs/cgroup/cpu)")
+        _, controllers, path = v1[0]
+        parent = os.path.join("/sys/fs/cgroup", controllers, path.lstrip("/"))
+        if not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
+            self.fail(f"cannot write to the cgroup {parent}")
+        name = f"txcluster-test-{os.getpid()}"
+        child = os.path.join(parent, name)
+        os.mkdir(child)
+        self.addCleanup(self.remove_cgroup, child)
+        for setting, value in (("cpu.cfs_period_us", 100000),
+                               ("cpu.cfs_quota_us", 100000 * self.QUOTA_CPUS)):
+            with open(os.path.join(child, setting), "w") as f:
+                f.write(str(value))
+        return child, f"{controllers}:{os.path.join(path, name)}"
+
+    @staticmethod
+    def remove_cgroup(path):
+        """Once its processes are gone (the cluster is killed first)."""
+        def empty():
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                return not f.read().strip()
+
+        wait_until(empty, 10, f"no process left in {path}")
+        os.rmdir(path)
+
+    def test_workers_auto_counts_the_cpu_quota(self):
+        cgroup, membership = self.cpu_cgroup()
+        expected = min(self.QUOTA_CPUS, len(os.sched_getaffinity(0)))
+        join = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup]
+        cluster = self.start(workers=None, args=["--workers", "auto"], wrapper=join,
+                             ready=expected, timeout=60)
+        with open(f"/proc/{cluster.pid}/cgroup") as f:
+            self.assertIn(membership, {line.split(":", 1)[1] for line in f.read().splitlines()})
+        started = int(cluster.wait_for_log(r"listening on \S+ with (\d+) workers")[1])
+        self.assertEqual(started, expected)
+        self.assertEqual(len(cluster.worker_pids()), expected)
 
 
 def scrape(url):
