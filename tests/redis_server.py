@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from twisted.trial import unittest
 
@@ -93,9 +93,8 @@ def _read_reply(stream: Any) -> Any:
 class RedisServer:
     """One C{redis-server} process; L{restart} keeps its port and socket."""
 
-    def __init__(self, directory: str, bind: Sequence[str] = ()) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.bind = ["127.0.0.1", *bind]
         self.port = free_port()
         self.socket_path = os.path.join(directory, "redis.sock")
         self.log_path = os.path.join(directory, "redis.log")
@@ -111,7 +110,7 @@ class RedisServer:
 
     def command_line(self) -> List[str]:
         return [
-            redis_server_binary(), "--port", str(self.port), "--bind", *self.bind,
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--unixsocket", self.socket_path, "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--dir", self.directory, "--logfile", "",
@@ -207,13 +206,12 @@ class RedisServer:
             return ""
 
 
-def start_redis(test: unittest.TestCase, start: bool = True,
-                bind: Sequence[str] = ()) -> RedisServer:
+def start_redis(test: unittest.TestCase, start: bool = True) -> RedisServer:
     """A server for C{test} (started unless C{start} is false), killed after
-    it; on loopback, and on the addresses of C{bind}."""
+    it."""
     directory = tempfile.mkdtemp(prefix="txcluster-redis-")
     test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-    server = RedisServer(directory, bind)
+    server = RedisServer(directory)
     test.addCleanup(server.kill)
     if start:
         server.start()

@@ -6,9 +6,9 @@ share one redis-server, under load, while each host in turn is stopped
 with C{SIGHUP}; the locked cron job runs once per tick across them, and
 moves on within one lease period when its host is killed.
 
-The partition drill puts each host in a network namespace of its own,
-joined to Redis by a veth link the test creates, and takes the leader's
-link down while its run is going.  It needs root.
+The partition drill joins each host to Redis through a relay of its own
+(tests/relay.py), and cuts the leader's link while its run is going: the
+connections stay open and nothing goes through, until the link heals.
 """
 
 import os
@@ -27,6 +27,7 @@ from txcluster.testing import Load, wait_until
 
 from .integration import ClusterTestCase, free_port
 from .redis_server import start_redis
+from .relay import Relay
 
 INTERVAL = 1.0
 DRILL_APP = "tests.drill_app:cluster"
@@ -195,59 +196,19 @@ def writes_in(path: str) -> List[Tuple[int, float, int, bool]]:
         return []
 
 
-class Namespaces:
-    """
-    Network namespaces, one per host, each joined to this one by a veth
-    link: 10.231.N.1 here, 10.231.N.2 there.  Created by the test, removed
-    after it (removing a namespace removes its link).
-    """
-
-    def __init__(self, test: unittest.TestCase, count: int) -> None:
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            raise unittest.SkipTest("the partition drill needs root and iproute2 "
-                                    "(network namespaces and veth links)")
-        tag = os.getpid() % 100000
-        self.names = [f"txcluster-drill-{tag}-{n}" for n in range(1, count + 1)]
-        self.links = [f"txd{tag}h{n}" for n in range(1, count + 1)]
-        test.addCleanup(self.remove)
-        for n, (name, link) in enumerate(zip(self.names, self.links), start=1):
-            self.ip("netns", "add", name)
-            self.ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
-            self.ip("addr", "add", f"10.231.{n}.1/30", "dev", link)
-            self.ip("link", "set", link, "up")
-            self.ip("-n", name, "addr", "add", f"10.231.{n}.2/30", "dev", "eth0")
-            self.ip("-n", name, "link", "set", "eth0", "up")
-            self.ip("-n", name, "link", "set", "lo", "up")
-
-    @staticmethod
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-    def here(self, n: int) -> str:
-        """This side's address on host C{n}'s link (1-based)."""
-        return f"10.231.{n}.1"
-
-    def wrapper(self, n: int) -> List[str]:
-        return ["ip", "netns", "exec", self.names[n - 1]]
-
-    def link(self, n: int, up: bool) -> None:
-        self.ip("link", "set", self.links[n - 1], "up" if up else "down")
-
-    def remove(self) -> None:
-        for name in self.names:
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
-
-
 class PartitionDrill(ClusterTestCase):
+    """Three hosts, each joined to one Redis through a relay of its own
+    (tests/relay.py); the leader's link is cut mid-run, then healed."""
+
     def test_a_leader_cut_off_from_redis_cannot_overwrite_the_next_ones_work(self):
-        hosts = Namespaces(self, 3)
-        redis = start_redis(self, bind=[hosts.here(n) for n in (1, 2, 3)])
+        redis = start_redis(self)
+        links = {n: Relay(self, ("127.0.0.1", redis.port)) for n in (1, 2, 3)}
         runs, writes = self.path("runs"), self.path("writes")
         env = {"DRILL_RUNS": runs, "DRILL_WRITES": writes,
                "DRILL_CRON_SECONDS": str(INTERVAL), "DRILL_WORK_SECONDS": "2.5"}
-        clusters = {n: self.start(DRILL_APP, workers=1, env=env, wrapper=hosts.wrapper(n),
-                                  args=["--redis", f"redis://{hosts.here(n)}:{redis.port}"])
-                    for n in (1, 2, 3)}
+        clusters = {n: self.start(DRILL_APP, workers=1, env=env,
+                                  args=["--redis", f"redis://127.0.0.1:{link.port}"])
+                    for n, link in links.items()}
         wait_until(lambda: len(writes_in(writes)) >= 2, 30, "two fenced writes")
         self.assertTrue(all(applied for *_, applied in writes_in(writes)))
 
@@ -257,13 +218,14 @@ class PartitionDrill(ClusterTestCase):
         wait_until(lambda: len(runs_in(runs)) > count, 10, "the next run")
         leader_pid, _, stale_token = runs_in(runs)[-1]
         [leader] = [n for n, c in clusters.items() if leader_pid in c.worker_pids()]
-        hosts.link(leader, up=False)
+        links[leader].cut()
         cut_at = time.time()
         wait_until(lambda: any(pid != leader_pid and applied
                                for pid, _, _, applied in writes_in(writes)),
                    20, "another host to take over and write")
-        hosts.link(leader, up=True)
-        def late_writes():
+        links[leader].heal()
+
+        def late_writes() -> List[Tuple[int, float, int, bool]]:
             return [w for w in writes_in(writes) if w[0] == leader_pid and w[1] > cut_at]
 
         wait_until(late_writes, 60, "the cut-off leader's late write")
