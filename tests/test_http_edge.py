@@ -8,7 +8,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 from txcluster.testing import wait_until
 
 from .integration import ClusterTestCase, free_port
-from .test_several_hosts import haproxy_binary
+from .system import installed
 
 
 def raw(cluster, data=b"", timeout=5.0):
@@ -147,7 +146,7 @@ class ProxyProtocolTests(ClusterTestCase):
     listening on haproxy:tcp:..., in each balance mode."""
 
     def test_every_balance_mode_and_both_versions(self):
-        haproxy = haproxy_binary()
+        haproxy = installed("haproxy", "haproxy")
         directory = self.directory()
         for balance in ("round-robin", "kernel", "reuseport"):
             cluster_port = free_port()
@@ -193,7 +192,8 @@ class SlowlorisTests(ClusterTestCase):
     def test_thousands_of_slow_connections_do_not_stop_a_new_client(self):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and hard < 4 * self.HELD:
-            self.skipTest(f"the hard open-files limit ({hard}) is too low for this test")
+            self.fail(f"the hard open-files limit is {hard}, this test needs {4 * self.HELD}: "
+                      f"raise it (as root: ulimit -Hn {4 * self.HELD}, or LimitNOFILE=)")
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 3 * self.HELD), hard))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         cluster = self.start(workers=2, wrapper=_with_open_files_limit(1024),
@@ -272,10 +272,7 @@ class NginxTests(ClusterTestCase):
     """README.rst's nginx snippet, in front of a cluster that trusts it."""
 
     def test_the_client_nginx_saw_and_not_the_one_it_claims(self):
-        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-        if nginx is None:
-            self.skipTest("nginx is not installed (Debian package nginx-light; .ci/run "
-                          "installs it)")
+        nginx = installed("nginx", "nginx-light")
         cluster = self.start(workers=2)
         directory, port = self.directory(), free_port()
         with open(os.path.join(directory, "nginx.conf"), "w") as f:
@@ -308,15 +305,14 @@ class Http2Tests(ClusterTestCase):
 
         if not http.H2_ENABLED:
             self.fail("twisted[http2] is not installed: pip install '.[test]'")
-        if shutil.which("curl") is None:
-            self.skipTest("curl is not installed")
+        self.curl_binary = installed("curl", "curl")
         from .test_endpoints import self_signed
 
         self.key, self.cert = self_signed(self.directory())
 
     def curl(self, url, *args):
-        process = subprocess.Popen(["curl", "-s", "--http2", "--cacert", self.cert, *args,
-                                    "-w", "\n%{http_code} %{http_version}", url],
+        process = subprocess.Popen([self.curl_binary, "-s", "--http2", "--cacert", self.cert,
+                                    *args, "-w", "\n%{http_code} %{http_version}", url],
                                    stdout=subprocess.PIPE, text=True)
         self.addCleanup(lambda: (process.kill(), process.wait(), process.stdout.close()))
         return process

@@ -28,6 +28,7 @@ from txcluster.testing import Load, wait_until
 from .integration import ClusterTestCase, free_port
 from .redis_server import start_redis
 from .relay import Relay
+from .system import installed
 
 INTERVAL = 1.0
 DRILL_APP = "tests.drill_app:cluster"
@@ -61,14 +62,6 @@ backend hosts
 """
 
 
-def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
-    if found is None:
-        raise unittest.SkipTest("haproxy is not installed (Debian package haproxy; "
-                                ".ci/run installs it)")
-    return found
-
-
 class HAProxy:
     """One haproxy process in front of C{servers} ({name: port}), on loopback."""
 
@@ -84,7 +77,7 @@ class HAProxy:
                 servers="\n".join(f"    server {name} 127.0.0.1:{port} check"
                                   for name, port in servers.items())))
         self.process = subprocess.Popen(
-            [haproxy_binary(), "-db", "-f", config], stdin=subprocess.DEVNULL,
+            [installed("haproxy", "haproxy"), "-db", "-f", config], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         test.addCleanup(self.kill)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -134,7 +127,7 @@ class SeveralHostsDrill(ClusterTestCase):
                           args=["--redis", self.redis.url, "--shutdown-delay", "1"])
 
     def test_deploys_lose_no_request_and_cron_runs_once_per_tick(self):
-        haproxy_binary()
+        installed("haproxy", "haproxy")
         self.redis = start_redis(self)
         cron = self.path("runs")
         env = {"DRILL_RUNS": cron, "DRILL_CRON_SECONDS": str(INTERVAL)}
