@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -197,6 +198,12 @@ class RedisServer:
             if line.startswith("connected_clients:"):
                 return int(line.split(":", 1)[1]) - 1
         raise RedisServerError(f"no connected_clients in INFO clients:\n{info}")
+
+    def calls(self, command: str) -> int:
+        """How many times C{command} ran on this server (INFO commandstats)."""
+        info = self.command("INFO", "commandstats").decode()
+        found = re.search(rf"^cmdstat_{command.lower()}:calls=(\d+)", info, re.MULTILINE)
+        return int(found.group(1)) if found else 0
 
     def output(self) -> str:
         try:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Dict
 from urllib.parse import urlsplit
 
 from txcluster.testing import wait_until
@@ -201,6 +202,12 @@ class SlowlorisTests(ClusterTestCase):
         self.assertIn("raised the open-files limit from 1024", cluster.output)
         parts = urlsplit(cluster.url)
         address = (parts.hostname, parts.port)
+
+        def descriptors() -> Dict[int, int]:
+            """Open descriptors of each worker, by pid."""
+            return {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in cluster.worker_pids()}
+
+        idle = sum(descriptors().values())
         held = []
         self.addCleanup(lambda: [s.close() for s in held])
         opened_at = time.monotonic()
@@ -209,7 +216,8 @@ class SlowlorisTests(ClusterTestCase):
             s.setblocking(False)
             s.connect_ex(address)
             held.append(s)
-        time.sleep(0.5)
+        wait_until(lambda: sum(descriptors().values()) - idle >= self.HELD, 10,
+                   "the workers to hold every slow connection")
         for s in held[::2]:
             try:
                 s.send(b"GET / HTTP/1.1\r\nX-a: ")
@@ -225,10 +233,12 @@ class SlowlorisTests(ClusterTestCase):
                     s.send(b"a")
                 except OSError:
                     pass
+            # The trickle's pace, not a wait: time passing between bytes is
+            # what a slowloris client does, and there is nothing to poll.
             time.sleep(0.05)
-        descriptors = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in cluster.worker_pids()}
+        held_by = descriptors()
         self.assertLess(worst, 1.0)
-        self.assertGreater(sum(descriptors.values()), self.HELD * 0.9, descriptors)
+        self.assertGreater(sum(held_by.values()), self.HELD * 0.9, held_by)
 
         def closed(s):
             try:
@@ -242,7 +252,7 @@ class SlowlorisTests(ClusterTestCase):
         closed_after = time.monotonic() - opened_at
         self.assertLess(closed_after, 4 + 3)  # from their start, not their last byte
         print(f"\nslowloris: {self.HELD} connections held; new clients' worst latency "
-              f"{worst * 1000:.0f} ms; descriptors per worker {sorted(descriptors.values())}; "
+              f"{worst * 1000:.0f} ms; descriptors per worker {sorted(held_by.values())}; "
               f"all closed {closed_after:.1f}s after they opened")
 
 

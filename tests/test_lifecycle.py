@@ -296,6 +296,20 @@ class KernelBalanceOrphanTests(OrphanTests):
 REUSEPORT = ("--balance", "reuseport")
 
 
+def queued_connections(port: int) -> int:
+    """Connections waiting in the accept queues of the sockets listening on
+    C{port}: the kernel's count (a listening socket's rx_queue in
+    /proc/net/tcp)."""
+    queued = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, _, state, queues = line.split()[1:5]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    queued += int(queues.split(":")[1], 16)
+    return queued
+
+
 class ReusePortGracefulShutdownTests(GracefulShutdownTests):
     cluster_args = REUSEPORT
 
@@ -341,7 +355,9 @@ class ReusePortRespawnTests(RespawnAssertions, ClusterTestCase):
         clients = [threading.Thread(target=get) for _ in range(16)]
         for client in clients:
             client.start()
-        time.sleep(0.5)  # worker 1 answers its share meanwhile
+        port = urlsplit(cluster.url).port
+        wait_until(lambda: len(answers) + queued_connections(port) == 16, 10,
+                   "each client answered by worker 1 or queued on worker 2's socket")
         waiting = 16 - len(answers)
         self.assertGreater(waiting, 0, answers)  # 2**-16 odds that none hashed to 2
         os.kill(stuck, signal.SIGKILL)

@@ -152,7 +152,10 @@ class SeveralHostsDrill(ClusterTestCase):
         self.assertEqual((load.failed, load.retried, load.errors[:3]), (0, 0, []))
 
         quiet_from = {name: len(host.output.splitlines()) for name, host in hosts.items()}
-        time.sleep(3 * INTERVAL)  # health checks every 200 ms and three cron ticks
+        # Three cron ticks, and some fifteen health checks (every 200 ms),
+        # log nothing.
+        ticks = len(runs_in(cron))
+        wait_until(lambda: len(runs_in(cron)) >= ticks + 3, 10 * INTERVAL, "three cron ticks")
         for name, host in hosts.items():
             self.assertEqual(host.output.splitlines()[quiet_from[name]:], [], name)
 
