@@ -1,8 +1,12 @@
 """Shared pieces of the integration tests: paths, environment, test files."""
 
+import filecmp
+import functools
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 
 from twisted.trial import unittest
@@ -13,6 +17,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_APP = "tests.apps:cluster"
 
 __all__ = ["ROOT", "TEST_APP", "ClusterTestCase", "clean_environment", "free_port"]
+
+
+@functools.lru_cache(maxsize=None)
+def stale_install() -> str:
+    """Why the installed txcluster is not this checkout's (empty: it is).
+
+    A cluster's master runs the venv's C{twistd}, which imports the
+    I{installed} package (only workers, started in the checkout, import
+    the checkout's): after an edit without C{pip install .}, a test would
+    exercise the old master and pass or fail for nothing.
+    """
+    where = subprocess.run(
+        [sys.executable, "-c", "import os, txcluster; print(os.path.dirname(txcluster.__file__))"],
+        cwd=os.path.dirname(sys.executable), capture_output=True, text=True, timeout=30)
+    installed = where.stdout.strip()
+    if where.returncode or not installed:
+        return "txcluster is not installed in this venv: pip install ."
+    checkout = os.path.join(ROOT, "txcluster")
+    for folder, _, files in os.walk(checkout):
+        for name in (n for n in files if n.endswith(".py")):
+            ours = os.path.join(folder, name)
+            theirs = os.path.join(installed, os.path.relpath(ours, checkout))
+            if not os.path.exists(theirs) or not filecmp.cmp(ours, theirs, shallow=False):
+                return (f"the installed txcluster is older than this checkout "
+                        f"({os.path.relpath(ours, ROOT)} differs): pip install .")
+    return ""
 
 
 def free_port() -> int:
@@ -26,6 +56,10 @@ class ClusterTestCase(unittest.TestCase):
 
     #: added to every cluster's command line (subclasses run a mode)
     cluster_args: tuple = ()
+
+    def setUp(self) -> None:
+        if stale_install():
+            self.fail(stale_install())
 
     def directory(self) -> str:
         """A fresh temporary directory, removed after the test."""

@@ -311,6 +311,7 @@ class Http2Tests(ClusterTestCase):
     curl, built with nghttp2, is the client."""
 
     def setUp(self):
+        super().setUp()
         from twisted.web import http
 
         if not http.H2_ENABLED:
