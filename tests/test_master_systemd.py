@@ -47,23 +47,27 @@ class NotifyTests(unittest.TestCase):
         self.assertIsNone(watchdog_interval({"WATCHDOG_USEC": "x"}, 42))
         self.assertIsNone(watchdog_interval({}, 42))
 
-    def test_an_unreachable_socket_is_one_warning_and_no_error(self):
+    def notify_warnings(self) -> list:
+        """The log lines about NOTIFY_SOCKET from now on, formatted."""
         warnings = []
-        observer = lambda event: warnings.append(event) if "NOTIFY_SOCKET" in str(
-            event.get("log_format")) else None
+
+        def observer(event):
+            if "NOTIFY_SOCKET" in str(event.get("log_format")):
+                warnings.append(formatEvent(event))
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return warnings
+
+    def test_an_unreachable_socket_is_one_warning_and_no_error(self):
+        warnings = self.notify_warnings()
         systemd = Systemd(Clock(), {"NOTIFY_SOCKET": "/nonexistent/notify"})
         systemd.ready("ok")
         systemd.stopping()
         self.assertEqual(len(warnings), 1)
 
     def test_an_address_that_is_not_even_a_path_is_one_warning_and_no_error(self):
-        warnings = []
-        observer = lambda event: warnings.append(formatEvent(event)) if "NOTIFY_SOCKET" in str(
-            event.get("log_format")) else None
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        warnings = self.notify_warnings()
         # A lone surrogate: sendto raises UnicodeEncodeError, a ValueError,
         # not an OSError.
         systemd = Systemd(Clock(), {"NOTIFY_SOCKET": "/run/\ud800notify"})
