@@ -72,13 +72,25 @@ class ReusePortGroupTests(unittest.TestCase):
         self.assertEqual(sum(counts), 64)
         self.assertTrue(all(counts), counts)  # each got some: 2**-63 odds otherwise
 
-    def test_an_added_worker_gets_a_socket_and_a_removed_one_loses_it(self):
+    def test_an_added_worker_gets_a_socket_and_a_removed_one_leaves_it_to_the_master(self):
         group = self.group(count=2)
         fd = group.fileno(3)
         self.assertNotIn(fd, (group.fileno(1), group.fileno(2)))
+        self.assertEqual(group.unserved({1, 2}), [fd])  # worker 3 is starting
+        self.assertEqual(group.unserved({1, 2, 3}), [])
         group.release(3)
+        os.fstat(fd)  # still open, still in the group: nothing queued on it is reset
+        self.assertEqual(group.unserved({1, 2}), [fd])
+        self.assertEqual(group.fileno(3), fd)  # the id that comes back takes it
+        self.assertEqual(group.unserved({1, 2, 3}), [])
+
+    def test_close_closes_the_sockets_left_behind_too(self):
+        group = self.group(count=2)
+        fd = group.fileno(3)
+        group.release(3)
+        group.close()
         self.assertRaises(OSError, os.fstat, fd)
-        self.assertGreater(group.fileno(3), 0)  # a new one, if the id comes back
+        self.assertEqual(group.unserved(set()), [])
 
     def test_a_worker_shares_a_socket_when_no_more_can_be_bound(self):
         group = self.group(count=2)

@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from txcluster.cpus import cpu_for
 from txcluster.master import dispatch
 from txcluster.master.dispatch import (
-    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, WorkerChannel,
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, StandIns,
+    WorkerChannel,
 )
 from txcluster.worker.receive import ConnectionReceiver
 
@@ -39,7 +40,9 @@ class Factory:
         pass
 
 
-class RoundRobinTests(unittest.TestCase):
+class WorkerChannels(unittest.TestCase):
+    """A listening socket, and three workers' channels (real socket pairs)."""
+
     def setUp(self):
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -52,9 +55,6 @@ class RoundRobinTests(unittest.TestCase):
             self.addCleanup(theirs.close)
         self.reactor = RecordingReactor()
         self.serving = [WorkerChannel(ours) for ours, _ in self.channels]
-        self.dispatcher = ConnectionDispatcher(self.reactor, self.listener.fileno())
-        self.dispatcher.serve(self.serving)
-        self.addCleanup(self.dispatcher.close)
 
     def connect(self, n):
         clients = [socket.create_connection(self.listener.getsockname()) for _ in range(n)]
@@ -97,6 +97,14 @@ class RoundRobinTests(unittest.TestCase):
                 pass
         except BlockingIOError:
             pass
+
+
+class RoundRobinTests(WorkerChannels):
+    def setUp(self):
+        super().setUp()
+        self.dispatcher = ConnectionDispatcher(self.reactor, self.listener.fileno())
+        self.dispatcher.serve(self.serving)
+        self.addCleanup(self.dispatcher.close)
 
     def test_connections_go_round_robin(self):
         self.connect(7)
@@ -291,6 +299,50 @@ class RoundRobinTests(unittest.TestCase):
         family = self.reactor.adopted[0][1]
         self.assertEqual(family, socket.AF_INET)
         self.assertEqual(len(clients), 3)
+
+
+class StandInTests(WorkerChannels):
+    """Reuseport: the master accepts on the sockets no worker accepts on
+    and deals to the workers that serve."""
+
+    def setUp(self):
+        super().setUp()
+        self.stand_ins = StandIns(self.reactor, Dealer())
+        self.addCleanup(self.stand_ins.close)
+
+    def read_all(self):
+        for reader in list(self.reactor.readers):
+            reader.doRead()
+
+    def test_its_connections_go_to_the_workers_that_serve(self):
+        self.stand_ins.serve([self.listener.fileno()], self.serving[:2])
+        self.connect(4)
+        self.read_all()
+        self.assertEqual([self.received(i) for i in range(3)], [2, 2, 0])
+
+    def test_while_no_worker_serves_they_wait_in_the_backlog(self):
+        self.stand_ins.serve([self.listener.fileno()], [])
+        self.assertEqual(self.reactor.readers, set())
+
+    def test_a_socket_served_again_is_left_to_its_worker_and_stays_open(self):
+        self.stand_ins.serve([self.listener.fileno()], self.serving)
+        self.stand_ins.serve([], self.serving)
+        self.assertEqual((self.reactor.readers, self.stand_ins.sockets), (set(), []))
+        client = self.connect(1)[0]
+        accepted, _ = self.listener.accept()  # queued for its worker, not reset
+        accepted.close()
+        client.close()
+
+    def test_without_a_socket_a_dispatcher_deals_only_what_is_handed_back(self):
+        dispatcher = ConnectionDispatcher(self.reactor, None)
+        dispatcher.serve(self.serving)
+        self.assertNotIn(dispatcher, self.reactor.readers)
+        client = self.connect(1)[0]
+        handed, _ = self.listener.accept()
+        dispatcher.take_back([handed.detach()])
+        self.assertEqual(sum(self.received(i) for i in range(3)), 1)
+        dispatcher.close()
+        client.close()
 
 
 class DealerTests(unittest.TestCase):

@@ -43,9 +43,10 @@ class BuildServiceTests(unittest.TestCase):
         self.assertEqual(service.supervisor.processes, [])
         self.assertFalse(service.running)
 
-    def test_kernel_mode_has_no_dispatcher(self):
+    def test_in_kernel_mode_the_master_accepts_nothing_and_deals_what_is_handed_back(self):
         service = self.build("--balance", "kernel", "--listen", LOOPBACK)
-        self.assertIsNone(service.dispatcher)
+        self.assertEqual(service.dispatcher.fileno(), -1)
+        self.assertTrue(service.dispatcher.takes_back())
 
     def test_reuseport_binds_a_socket_per_worker_before_privileges_drop(self):
         service = self.build("--workers", "3", "--balance", "reuseport", "--listen", LOOPBACK,

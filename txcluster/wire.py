@@ -60,7 +60,7 @@ def heartbeat_interval(timeout: float) -> float:
 LISTEN_FD = 3  # kernel and reuseport modes: the listening socket to adopt
 CONTROL_FROM_WORKER = 4  # the worker writes, the master reads
 CONTROL_TO_WORKER = 5  # the master writes, the worker reads
-CONNECTIONS_FD = 6  # round-robin: accepted connections from the master
+CONNECTIONS_FD = 6  # connections from the master (all of them in round-robin), and back
 
 
 # Environment -----------------------------------------------------------------

@@ -179,14 +179,21 @@ class ConnectionDispatcher:
     carries more descriptors than a worker reads at once.
     """
 
-    def __init__(self, reactor: Any, listening_fd: int) -> None:
+    def __init__(self, reactor: Any, listening_fd: Optional[int],
+                 dealer: Optional[Dealer] = None) -> None:
+        """
+        @param listening_fd: the socket to accept on (a copy is made); none:
+            deal only the connections workers hand back.
+        @param dealer: shared by the dispatchers that serve the same workers.
+        """
         self._reactor = reactor
-        # A copy of the master's listening socket, to accept on.
-        self._socket = socket.socket(fileno=os.dup(listening_fd))
-        self._socket.setblocking(False)
+        self._socket: Optional[socket.socket] = None
+        if listening_fd is not None:
+            self._socket = socket.socket(fileno=os.dup(listening_fd))
+            self._socket.setblocking(False)
         self._serving: List[WorkerChannel] = []
         self._steering = False  # some serving worker is pinned
-        self._dealer = Dealer()
+        self._dealer = dealer if dealer is not None else Dealer()
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
         self._closed = False
@@ -196,7 +203,7 @@ class ConnectionDispatcher:
         self.handed_back = 0
 
     def fileno(self) -> int:
-        return self._socket.fileno()
+        return self._socket.fileno() if self._socket is not None else -1
 
     def logPrefix(self) -> str:
         return "ConnectionDispatcher"
@@ -222,7 +229,7 @@ class ConnectionDispatcher:
             return
         if self._held:
             self._schedule_retry()  # accepting resumes once they are sent
-        elif not self.reading and self._socket.fileno() >= 0:
+        elif not self.reading and self._socket is not None and self._socket.fileno() >= 0:
             self.reading = True
             self._reactor.addReader(self)
 
@@ -252,7 +259,8 @@ class ConnectionDispatcher:
             if self._held:
                 log.warn("closed {n} connections no worker could take", n=len(self._held))
             self._held = []
-            self._socket.close()  # our copy only: never shutdown()
+            if self._socket is not None:
+                self._socket.close()  # our copy only: never shutdown()
 
     def doRead(self) -> None:
         if not self._serving:  # pragma: no cover - serve([]) stopped reading
@@ -273,7 +281,7 @@ class ConnectionDispatcher:
         # tests/test_round_robin.py checks it): calling it directly saves
         # building a socket object per connection, which the master would
         # only close once a worker has its copy.
-        accept = self._socket._accept
+        accept = self._socket._accept  # type: ignore[union-attr]
         while len(accepted) + len(self._held) < ACCEPT_BATCH:
             try:
                 fd, _ = accept()
@@ -403,6 +411,40 @@ class ConnectionDispatcher:
         log.failure("the connection dispatcher failed; resuming", reason)
         self.reading = False
         self._reactor.callLater(PAUSE_SECONDS, self._start)
+
+
+class StandIns:
+    """
+    C{--balance reuseport}: the master accepts on the sockets no worker
+    accepts on (L{txcluster.master.sockets.Listeners.unserved}) and deals
+    those connections to the workers that serve, with the round-robin
+    dispatcher's L{Dealer}; one L{ConnectionDispatcher} per such socket.
+    """
+
+    def __init__(self, reactor: Any, dealer: Dealer) -> None:
+        self._reactor = reactor
+        self._dealer = dealer
+        self._by_fd: Dict[int, ConnectionDispatcher] = {}
+
+    @property
+    def sockets(self) -> List[int]:
+        """The descriptors the master accepts on now."""
+        return sorted(self._by_fd)
+
+    def serve(self, unserved: Sequence[int], channels: Sequence[WorkerChannel]) -> None:
+        """Accept on the C{unserved} sockets (and no other), and deal to
+        C{channels}: the workers that serve."""
+        for fd in [fd for fd in self._by_fd if fd not in unserved]:
+            self._by_fd.pop(fd).close()  # its worker serves again; what is held goes out
+        for fd in unserved:
+            if fd not in self._by_fd:
+                self._by_fd[fd] = ConnectionDispatcher(self._reactor, fd, self._dealer)
+            self._by_fd[fd].serve(channels)
+
+    def close(self) -> None:
+        for dispatcher in self._by_fd.values():
+            dispatcher.close()
+        self._by_fd = {}
 
 
 @implementer(IReadDescriptor)

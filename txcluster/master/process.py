@@ -109,9 +109,9 @@ class WorkerSpawner:
     descriptors and the environment of L{txcluster.wire}.
 
     @param listeners: the listening sockets, one of which each worker gets
-        (not in round-robin mode, where it gets a connection channel).
+        (not in round-robin mode, where the master accepts).
     @param pinning: with C{--cpu-affinity}, which CPU each worker runs on.
-    @param dispatcher: round-robin: deals connections to the workers, and
+    @param dispatcher: deals connections to the workers' channels, and
         takes back those a stopping worker hands back on its channel.
     """
 
@@ -131,14 +131,14 @@ class WorkerSpawner:
         child_fds: Dict[int, Any] = {
             0: "w", 1: "r", 2: "r", CONTROL_FROM_WORKER: "r", CONTROL_TO_WORKER: "w",
         }
-        channel: Optional[WorkerChannel] = None
-        theirs: Optional[socket.socket] = None
-        if self._settings.balance == ROUND_ROBIN:
-            ours, theirs = socket.socketpair()
-            ours.setblocking(False)
-            child_fds[CONNECTIONS_FD] = theirs.fileno()
-            channel = WorkerChannel(ours, self._cpu_of(worker.id))
-        else:
+        # Every worker has a connection channel: connections come through it
+        # in round-robin, and in every mode those the master accepts for it
+        # or that another worker hands back.
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        child_fds[CONNECTIONS_FD] = theirs.fileno()
+        channel = WorkerChannel(ours, self._cpu_of(worker.id))
+        if self._settings.balance != ROUND_ROBIN:
             child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
         dispatcher = self._dispatcher
         protocol = WorkerProcessProtocol(
@@ -148,15 +148,13 @@ class WorkerSpawner:
         try:
             self._spawn(protocol, worker.id, count, child_fds)
         except BaseException:
-            if channel is not None:
-                channel.socket.close()
+            channel.socket.close()
             raise
         finally:
-            if theirs is not None:
-                theirs.close()  # the worker has its copy now
+            theirs.close()  # the worker has its copy now
         if self._pinning is not None:
             self._pin(protocol.pid, worker.id)
-        if channel is not None and dispatcher is not None:
+        if dispatcher is not None:
             dispatcher.watch(channel)
         return protocol
 

@@ -3,11 +3,14 @@ C{--balance reuseport}: one listening socket per worker id, all bound to
 the same address with C{SO_REUSEPORT}, held by the master.
 
 The kernel spreads connections over the sockets, and each worker accepts
-on its own.  Because the master holds every socket for as long as its
-worker id exists, the connections queued on one whose worker is being
-respawned or replaced wait for the next process under that id instead of
-being reset, which is what makes C{SO_REUSEPORT} safe for rolling
-restarts.  (A module of its own: C{twisted.internet.tcp} imports
+on its own.  The master holds every socket, and accepts itself on those
+no worker accepts on (L{ReusePortGroup.unserved}: a worker starting, being
+respawned or replaced, or an id removed by SIGTTOU), dealing those
+connections to the workers that serve as round-robin does.  So nothing
+queued on a socket waits for a process that is not there, and nothing is
+ever reset by a socket leaving the group (it never leaves while the
+master runs): what makes C{SO_REUSEPORT} safe for rolling restarts and
+scaling.  (A module of its own: C{twisted.internet.tcp} imports
 pyOpenSSL, which the master keeps out until its options are parsed, so
 only this mode imports it.)
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import platform
 import socket
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional
 
 from twisted.internet import tcp
 from twisted.internet.abstract import isIPv6Address
@@ -113,10 +116,11 @@ class ReusePortGroup:
     the master never accepts on them.
 
     The first C{count} are bound at once, before twistd drops privileges
-    (the kernel only lets one user's sockets share a port).  A worker id
-    added later (SIGTTIN) gets a socket of its own if it can still be
-    bound, else shares an existing one.  L{release} closes the master's
-    copy when an id goes away (SIGTTOU).
+    (the kernel only lets one user's sockets share a port).  An id that
+    goes away (SIGTTOU, L{release}) leaves its socket behind, for the
+    master to accept on; a worker id added later (SIGTTIN) takes such a
+    socket, else one of its own if it can still be bound, else shares an
+    existing one.
 
     With C{cpu_of}, each socket is marked with its worker's CPU
     (C{SO_INCOMING_CPU}): since Linux 6.2 the kernel then hands a
@@ -138,6 +142,8 @@ class ReusePortGroup:
         self._cpu_of = cpu_of
         self._backlog = backlog
         self._ports: Dict[int, tcp.Port] = {}
+        #: sockets left by the ids SIGTTOU removed
+        self._left: List[tcp.Port] = []
         #: whether marked sockets get the connections of their CPU
         self.steering = cpu_of is not None and kernel_steers
         if cpu_of is not None and not kernel_steers:
@@ -161,7 +167,9 @@ class ReusePortGroup:
 
     def fileno(self, worker_id: int) -> int:
         """Worker C{worker_id}'s socket, bound now if it has none yet."""
-        if worker_id not in self._ports:
+        if worker_id not in self._ports and self._left:
+            self._add(worker_id, self._left.pop())
+        elif worker_id not in self._ports:
             try:
                 self._add(worker_id, self._bind_more())
             except CannotListenError as e:
@@ -177,15 +185,23 @@ class ReusePortGroup:
         return self.steering and worker_id in self._ports
 
     def release(self, worker_id: int) -> None:
-        """Close the master's copy of C{worker_id}'s socket: it leaves the
-        group when its worker has stopped listening too."""
+        """C{worker_id} is gone: its socket stays in the group, unserved
+        (closing it would reset what the kernel queued on it meanwhile,
+        unless C{net.ipv4.tcp_migrate_req} is set), until an id added later
+        takes it."""
         port = self._ports.pop(worker_id, None)
         if port is not None:
-            close_our_copy(port)  # the worker's queued connections wait for it
+            self._left.append(port)
+
+    def unserved(self, serving: Collection[int]) -> List[int]:
+        return ([port.fileno() for worker_id, port in sorted(self._ports.items())
+                 if worker_id not in serving]
+                + [port.fileno() for port in self._left])
 
     def close(self) -> None:
-        for worker_id in list(self._ports):
-            self.release(worker_id)
+        for port in [*self._ports.values(), *self._left]:
+            close_our_copy(port)
+        self._ports, self._left = {}, []
 
     def _bind_more(self) -> tcp.Port:
         port = self._binder.listen_more(self.listening.getHost().port, NeverAccepts())

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ..cpus import Pinning, usable_cpus
 from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
-from .dispatch import ConnectionDispatcher
+from .dispatch import ConnectionDispatcher, Dealer, StandIns
 from .process import WorkerSpawner
 from .recycling import MemoryWatch
 from .sockets import Listeners, SharedSocket, bind, describe, listen
@@ -268,10 +268,12 @@ class MasterService(SignalledService):
     def __init__(self, reactor: Any, settings: Settings, listeners: Listeners,
                  spawner: WorkerSpawner,
                  dispatcher: Optional[ConnectionDispatcher] = None,
-                 systemd: Optional[Systemd] = None) -> None:
+                 systemd: Optional[Systemd] = None,
+                 stand_ins: Optional[StandIns] = None) -> None:
         super().__init__(reactor, settings, systemd)
         self.listeners = listeners
         self.dispatcher = dispatcher
+        self.stand_ins = stand_ins
         self.supervisor = Supervisor(
             reactor, spawner, settings.workers, policy_from(settings),
             on_crash_loop=self._crash_loop,
@@ -297,10 +299,17 @@ class MasterService(SignalledService):
         self.memory.start()
 
     def _serving(self, workers: List[Worker]) -> None:
-        """Round-robin: deal new connections to these workers only."""
+        """Deal connections (new ones in round-robin, handed back ones in
+        every mode) to these workers only; with reuseport, accept on the
+        sockets of the others."""
+        if self.dispatcher is None and self.stand_ins is None:
+            return
+        channels = [w.process.channel for w in workers
+                    if w.process is not None and w.process.channel is not None]
         if self.dispatcher is not None:
-            self.dispatcher.serve([w.process.channel for w in workers
-                                   if w.process is not None and w.process.channel is not None])
+            self.dispatcher.serve(channels)
+        if self.stand_ins is not None:
+            self.stand_ins.serve(self.listeners.unserved({w.id for w in workers}), channels)
 
     def stopService(self) -> Deferred:
         super().stopService()  # the control socket and the metrics port close
@@ -312,6 +321,8 @@ class MasterService(SignalledService):
         self.systemd.stopping()
         if self.dispatcher is not None:
             self.dispatcher.close()
+        if self.stand_ins is not None:
+            self.stand_ins.close()
         self.listeners.close()
         return self.supervisor.stop(fast=self.fast).addCallback(
             lambda _: log.info("all workers stopped; master exiting"))
@@ -447,6 +458,7 @@ class MasterService(SignalledService):
         removed = self.supervisor.scale_down()
         if removed is not None:
             self.listeners.release(removed)
+            self._serving(self.supervisor.serving())  # with reuseport, its socket is left to us
         return removed
 
 
@@ -493,11 +505,16 @@ def build_master(reactor: Any, settings: Settings,
     """
     pinning = Pinning(usable_cpus()) if settings.cpu_affinity else None
     listeners = bind_listeners(reactor, settings, pinning)
-    dispatcher = None
-    if settings.balance == ROUND_ROBIN:
-        dispatcher = ConnectionDispatcher(reactor, listeners.listening.fileno())
+    # One dealer for every connection the master passes on: those it accepts
+    # (round-robin, or for a reuseport socket no worker accepts on) and
+    # those a stopping worker hands back (every mode).
+    dealer = Dealer()
+    dispatcher = ConnectionDispatcher(
+        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None,
+        dealer)
     spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher)
-    master = MasterService(reactor, settings, listeners, spawner, dispatcher)
+    master = MasterService(reactor, settings, listeners, spawner, dispatcher,
+                           stand_ins=StandIns(reactor, dealer))
     if settings.metrics:
         from .metrics import ClusterMetrics, metrics_site
 

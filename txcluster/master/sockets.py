@@ -17,7 +17,7 @@ questions (L{Listeners}).
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Protocol
+from typing import Any, Collection, List, Optional, Protocol
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -53,6 +53,10 @@ class Listeners(Protocol):
     def release(self, worker_id: int) -> None:
         """Worker id C{worker_id} is gone for good (SIGTTOU)."""
 
+    def unserved(self, serving: Collection[int]) -> List[int]:
+        """The sockets no worker accepts on while only the worker ids in
+        C{serving} do, which the master must accept on itself."""
+
     def close(self) -> None:
         """The master is stopping: close its copies, so that once the
         workers have closed theirs new connections are refused at once
@@ -74,6 +78,10 @@ class SharedSocket:
 
     def release(self, worker_id: int) -> None:
         pass
+
+    def unserved(self, serving: Collection[int]) -> List[int]:
+        # Round-robin: the master accepts on it anyway; kernel: every worker does.
+        return []
 
     def close(self) -> None:
         close_our_copy(self.listening)

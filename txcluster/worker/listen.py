@@ -7,6 +7,11 @@ How a worker gets its connections, in each C{--balance} mode:
   takes one connection per wakeup (L{accept_one_per_wakeup});
 - C{reuseport}: it adopts a socket of its own, bound by the master.
 
+In the last two it also adopts what comes over its connection channel:
+connections the master accepted for it (reuseport, on the socket of a
+worker that is not there) and those another worker handed back when it
+stopped (L{PortAndChannel}).
+
 Either way an C{ssl:} endpoint's TLS is terminated here, in the worker, and
 an C{haproxy:} endpoint's PROXY header is read here (L{wrapped}).
 """
@@ -16,8 +21,10 @@ from __future__ import annotations
 import os
 from typing import Any, List
 
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
+from zope.interface import implementer
 
 from ..settings import KERNEL, ROUND_ROBIN, Settings
 from ..wire import CONNECTIONS_FD, LISTEN_FD
@@ -26,16 +33,40 @@ from .receive import ConnectionReceiver, address_family
 
 def listen(reactor: Any, settings: Settings, factory: IProtocolFactory) -> IListeningPort:
     """Serve C{factory} on what the master passed this worker process."""
+    receiver = ConnectionReceiver(
+        reactor, CONNECTIONS_FD, wrapped(reactor, factory, settings.listen))
+    receiver.startListening()
     if settings.balance == ROUND_ROBIN:
-        receiver = ConnectionReceiver(
-            reactor, CONNECTIONS_FD, wrapped(reactor, factory, settings.listen))
-        receiver.startListening()
         return receiver
     # A socket of its own (reuseport) has no other worker to share a burst with.
     port = adopt(reactor, LISTEN_FD, factory, settings.listen,
                  accept_one=settings.balance == KERNEL)
     os.close(LISTEN_FD)  # adoptStreamPort made its own copy
-    return port
+    return PortAndChannel(port, receiver)
+
+
+@implementer(IListeningPort)
+class PortAndChannel:
+    """A worker's listening port, and its connection channel beside it:
+    stopping stops both, and idle connections go back over the channel."""
+
+    def __init__(self, port: IListeningPort, channel: ConnectionReceiver) -> None:
+        self.port = port
+        self.channel = channel
+
+    def startListening(self) -> None:
+        """Both listen already."""
+
+    def stopListening(self) -> Deferred:
+        return gatherResults([maybeDeferred(self.port.stopListening),
+                              self.channel.stopListening()])
+
+    def hand_back(self, fd: int) -> bool:
+        return self.channel.hand_back(fd)
+
+    def getHost(self) -> Any:
+        return self.port.getHost()
+
 
 
 def adopt(
