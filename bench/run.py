@@ -138,8 +138,9 @@ class Bench:
 
     def start_nginx(self, name: str, upstreams: Sequence[str]) -> "Nginx":
         """nginx in front of C{upstreams}, with its default upstream settings
-        (HTTP/1.0, a new connection per request): what most deployments run."""
-        return Nginx(os.path.join(self.tmp.name, name), upstreams)
+        (HTTP/1.0, a new connection per request): what most deployments run;
+        with --nginx-keepalive, kept-alive upstream connections."""
+        return Nginx(os.path.join(self.tmp.name, name), upstreams, self.o.nginx_keepalive)
 
     def measure(self, config: str, urls: Sequence[str], expected_workers: int = 0,
                 round_: int = 0) -> None:
@@ -375,11 +376,13 @@ http {{
     proxy_temp_path {dir}/proxy;
     upstream app {{
 {servers}
+{upstream_keepalive}
     }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://app;
+{location_keepalive}
         }}
     }}
 }}
@@ -389,7 +392,8 @@ http {{
 class Nginx:
     """An nginx process group on a free loopback port, killed on exit."""
 
-    def __init__(self, directory: str, upstreams: Sequence[str]) -> None:
+    def __init__(self, directory: str, upstreams: Sequence[str],
+                 keepalive: bool = False) -> None:
         import shutil
         import subprocess
 
@@ -403,7 +407,12 @@ class Nginx:
             self.port = probe.getsockname()[1]
         servers = "\n".join(f"        server {url.split('//', 1)[1]};" for url in upstreams)
         with open(os.path.join(directory, "nginx.conf"), "w") as f:
-            f.write(NGINX_CONFIG.format(dir=directory, port=self.port, servers=servers))
+            f.write(NGINX_CONFIG.format(
+                dir=directory, port=self.port, servers=servers,
+                upstream_keepalive="        keepalive 32;" if keepalive else "",
+                location_keepalive=('            proxy_http_version 1.1;\n'
+                                    '            proxy_set_header Connection "";')
+                if keepalive else ""))
         self.process = subprocess.Popen(
             [binary, "-p", directory, "-c", "nginx.conf", "-g", "daemon off;"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -571,7 +580,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "upstream settings: nginx->cluster-N (the first --balance mode) "
                         "against nginx->parallel-N (an upstream block of the N --single "
                         "processes)")
+    p.add_argument("--nginx-keepalive", action="store_true",
+                   help="with --nginx: nginx keeps its upstream connections alive "
+                        "(keepalive 32, HTTP/1.1) instead of its default")
     options = p.parse_args(argv)
+    options.nginx = options.nginx or options.nginx_keepalive
     if options.duration is None:
         options.duration = 1 if options.quick else 3
     if options.rounds is None:
