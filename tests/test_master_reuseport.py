@@ -155,6 +155,15 @@ class ReusePortGroupTests(unittest.TestCase):
                              10 + worker_id)
             self.assertTrue(group.steers(worker_id))
 
+    def test_a_socket_left_behind_is_unmarked_and_marked_again_when_taken(self):
+        # Still marked, it would take every connection of its CPU to the master.
+        group = self.group(count=3, cpu_of=lambda worker_id: worker_id % 2, kernel_steers=True)
+        fd = group.fileno(3)
+        group.release(3)
+        self.assertEqual(option(fd, SO_INCOMING_CPU), -1)
+        self.assertEqual(group.fileno(3), fd)
+        self.assertEqual(option(fd, SO_INCOMING_CPU), 1)
+
     def test_no_marks_where_the_kernel_would_not_steer(self):
         # Workers would send back clients that moved, and the kernel would
         # hash the new connections anywhere: churn for nothing.

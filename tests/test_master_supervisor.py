@@ -423,6 +423,16 @@ class ServingTests(unittest.TestCase):
         h.current(1).ready()
         self.assertEqual(h.serving[-1], [1])
 
+    def test_it_hears_too_when_a_process_starts(self):
+        # With reuseport a new id's socket is then accepted on by the master
+        # until its worker is ready.
+        h = Harness(count=2)
+        h.start_all_ready()
+        changes = len(h.serving)
+        h.supervisor.scale_up()
+        h.clock.advance(0)
+        self.assertEqual(h.serving[changes:], [[1, 2]])
+
     def test_stopping_serves_nobody(self):
         h = Harness(count=2)
         h.start_all_ready()

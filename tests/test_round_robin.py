@@ -307,31 +307,48 @@ class StandInTests(WorkerChannels):
 
     def setUp(self):
         super().setUp()
-        self.stand_ins = StandIns(self.reactor, Dealer())
+        self.main = ConnectionDispatcher(self.reactor, None)  # takes back; accepts nothing
+        self.addCleanup(self.main.close)
+        self.stand_ins = StandIns(self.reactor, self.main)
         self.addCleanup(self.stand_ins.close)
+
+    def serve(self, unserved, channels):
+        self.main.serve(channels)
+        self.stand_ins.serve(unserved, channels)
 
     def read_all(self):
         for reader in list(self.reactor.readers):
             reader.doRead()
 
     def test_its_connections_go_to_the_workers_that_serve(self):
-        self.stand_ins.serve([self.listener.fileno()], self.serving[:2])
+        self.serve([self.listener.fileno()], self.serving[:2])
         self.connect(4)
         self.read_all()
         self.assertEqual([self.received(i) for i in range(3)], [2, 2, 0])
 
     def test_while_no_worker_serves_they_wait_in_the_backlog(self):
-        self.stand_ins.serve([self.listener.fileno()], [])
+        self.serve([self.listener.fileno()], [])
         self.assertEqual(self.reactor.readers, set())
 
     def test_a_socket_served_again_is_left_to_its_worker_and_stays_open(self):
-        self.stand_ins.serve([self.listener.fileno()], self.serving)
-        self.stand_ins.serve([], self.serving)
+        self.serve([self.listener.fileno()], self.serving)
+        self.serve([], self.serving)
         self.assertEqual((self.reactor.readers, self.stand_ins.sockets), (set(), []))
         client = self.connect(1)[0]
         accepted, _ = self.listener.accept()  # queued for its worker, not reset
         accepted.close()
         client.close()
+
+    def test_what_it_holds_when_its_worker_comes_back_is_dealt_not_closed(self):
+        self.fill(0)
+        self.serve([self.listener.fileno()], self.serving[:1])
+        clients = self.connect(3)
+        self.read_all()  # worker 0 cannot take them: held
+        self.serve([], self.serving[1:2])  # worker 1 is back and serves alone
+        for client in clients:  # not closed by the master
+            client.settimeout(0.2)
+            self.assertRaises(socket.timeout, client.recv, 1)
+        self.assertEqual(self.received(1), 3)
 
     def test_without_a_socket_a_dispatcher_deals_only_what_is_handed_back(self):
         dispatcher = ConnectionDispatcher(self.reactor, None)

@@ -15,7 +15,7 @@ from .app import WorkerInfo
 from .master.service import SignalledService
 from .master.sockets import bind, close_our_copy, describe
 from .settings import Settings
-from .worker.listen import adopt
+from .worker.listen import adopt, wrapped
 from .worker.service import WorkerService
 
 log = Logger(namespace="txcluster.master")
@@ -30,7 +30,7 @@ class SingleProcessService(SignalledService):
         fd = listening.fileno()
         self.worker = WorkerService(
             reactor, settings, WorkerInfo(id=1, count=1, pid=os.getpid()),
-            listen=lambda site: adopt(reactor, fd, site, settings.listen),
+            listen=lambda site: adopt(reactor, fd, wrapped(reactor, site, settings.listen)),
             on_ready=self._ready,
         )
 

@@ -8,6 +8,11 @@ are long-lived and a burst decides the split for good, at the cost of one
 C{accept} per connection and one C{sendmsg} per worker and wakeup in the
 master.  The master still never reads a request's bytes.
 
+The same dispatcher, without a socket, deals the idle kept-alive
+connections stopping workers hand back, in every mode; and with
+C{--balance reuseport}, L{StandIns} accept on the sockets no worker
+accepts on (a worker starting or being replaced, an id SIGTTOU removed).
+
 With C{--cpu-affinity} each worker is pinned, and L{Dealer} prefers, for
 each connection, a worker on the CPU whose network stack received it
 (C{SO_INCOMING_CPU}), while keeping the split even whatever CPUs the
@@ -112,7 +117,8 @@ class Dealer:
 
     def deal(self, accepted: Sequence[Accepted],
              targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
-        """Each target's share of C{accepted}; L{record} what it took."""
+        """Each target's share of C{accepted}; the caller L{record}s what
+        each took."""
         if all(t.cpu is None for t in targets):  # nothing pinned: the least served
             shares, start = [], 0
             for n in self.split(len(accepted), targets):
@@ -134,8 +140,8 @@ class Dealer:
 
     def split(self, n: int, targets: Sequence[WorkerChannel]) -> List[int]:
         """How many of C{n} connections each target takes when none is
-        pinned: each to the least served, in the order given; L{record}
-        what it took."""
+        pinned: each to the least served, in the order given; the caller
+        L{record}s what each took."""
         served = self._lifted(targets)
         counts = [0] * len(served)
         for _ in range(n):
@@ -166,8 +172,9 @@ class Dealer:
 @implementer(IReadDescriptor)
 class ConnectionDispatcher:
     """
-    Accept on the listening socket and send each connection to one of the
-    serving workers' channels, as the L{Dealer} decides.  The master tells
+    Accept on a listening socket (none: take only what workers hand back)
+    and send each connection to one of the serving workers' channels, as
+    the L{Dealer} decides.  The master tells
     it which workers serve (L{serve}); while none does, it stops accepting
     and connections wait in the kernel's backlog.
 
@@ -193,7 +200,8 @@ class ConnectionDispatcher:
             self._socket.setblocking(False)
         self._serving: List[WorkerChannel] = []
         self._steering = False  # some serving worker is pinned
-        self._dealer = dealer if dealer is not None else Dealer()
+        #: who takes which connection (shared with the stand-ins' dispatchers)
+        self.dealer = dealer if dealer is not None else Dealer()
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
         self._closed = False
@@ -206,7 +214,7 @@ class ConnectionDispatcher:
         return self._socket.fileno() if self._socket is not None else -1
 
     def logPrefix(self) -> str:
-        return "ConnectionDispatcher"
+        return f"ConnectionDispatcher(fd {self.fileno()})"
 
     @property
     def held(self) -> int:
@@ -218,7 +226,7 @@ class ConnectionDispatcher:
         that are not stopping), in this order; none: stop accepting."""
         self._serving = list(channels)
         self._steering = any(t.cpu is not None for t in self._serving)
-        self._dealer.keep_only(self._serving)
+        self.dealer.keep_only(self._serving)
         if self._serving:
             self._start()
         else:
@@ -304,7 +312,7 @@ class ConnectionDispatcher:
         connections (L{_send_held}), over the others."""
         sent = 0
         try:
-            for target, n in zip(self._serving, self._dealer.split(len(fds), self._serving)):
+            for target, n in zip(self._serving, self.dealer.split(len(fds), self._serving)):
                 if n:
                     batch = fds[sent:sent + n]
                     try:
@@ -313,7 +321,7 @@ class ConnectionDispatcher:
                         break
                     for fd in batch:
                         os.close(fd)  # the worker has its copy
-                    self._dealer.record(target, n)
+                    self.dealer.record(target, n)
                     sent += n
         finally:
             self.dispatched += sent
@@ -330,11 +338,11 @@ class ConnectionDispatcher:
         targets = list(ready)
         try:
             while self._held and targets:
-                shares = self._dealer.deal(self._held, targets)
+                shares = self.dealer.deal(self._held, targets)
                 refused = []
                 for target, share in zip(targets, shares):
                     if share and self._send(target.socket, share):
-                        self._dealer.record(target, len(share))
+                        self.dealer.record(target, len(share))
                         self._held = [c for c in self._held if c not in share]
                     elif share:
                         refused.append(target)
@@ -384,13 +392,24 @@ class ConnectionDispatcher:
 
     def take_back(self, fds: Sequence[int]) -> None:
         """Deal these connections again, as if just accepted."""
-        if self._closed:
-            for fd in fds:
-                os.close(fd)  # shutting down: like a connection in the backlog
-            return
-        self._held.extend(Accepted(Descriptor(fd)) for fd in fds)
         self.handed_back += len(fds)
+        self.hold([Accepted(Descriptor(fd)) for fd in fds])
+
+    def hold(self, connections: Sequence[Accepted]) -> None:
+        """Deal C{connections}, accepted elsewhere, with those held here."""
+        if self._closed:
+            for connection in connections:
+                connection.client.close()  # shutting down: like a connection in the backlog
+            return
+        self._held.extend(connections)
         self._send_held(self._serving)
+
+    def retire(self, successor: "ConnectionDispatcher") -> None:
+        """Stop accepting for good, and leave what is held to C{successor}
+        (whose retries and channels it then shares), not closing any."""
+        held, self._held = self._held, []
+        self.close()
+        successor.hold(held)
 
     def _schedule_retry(self) -> None:
         if self._retry is None or not self._retry.active():
@@ -417,13 +436,14 @@ class StandIns:
     """
     C{--balance reuseport}: the master accepts on the sockets no worker
     accepts on (L{txcluster.master.sockets.Listeners.unserved}) and deals
-    those connections to the workers that serve, with the round-robin
-    dispatcher's L{Dealer}; one L{ConnectionDispatcher} per such socket.
+    those connections to the workers that serve, with the L{Dealer} of
+    C{dispatcher}; one L{ConnectionDispatcher} per such socket.  One that
+    is no longer needed leaves what it holds to C{dispatcher}.
     """
 
-    def __init__(self, reactor: Any, dealer: Dealer) -> None:
+    def __init__(self, reactor: Any, dispatcher: ConnectionDispatcher) -> None:
         self._reactor = reactor
-        self._dealer = dealer
+        self._dispatcher = dispatcher
         self._by_fd: Dict[int, ConnectionDispatcher] = {}
 
     @property
@@ -434,12 +454,13 @@ class StandIns:
     def serve(self, unserved: Sequence[int], channels: Sequence[WorkerChannel]) -> None:
         """Accept on the C{unserved} sockets (and no other), and deal to
         C{channels}: the workers that serve."""
-        for fd in [fd for fd in self._by_fd if fd not in unserved]:
-            self._by_fd.pop(fd).close()  # its worker serves again; what is held goes out
         for fd in unserved:
             if fd not in self._by_fd:
-                self._by_fd[fd] = ConnectionDispatcher(self._reactor, fd, self._dealer)
+                self._by_fd[fd] = ConnectionDispatcher(self._reactor, fd,
+                                                       self._dispatcher.dealer)
             self._by_fd[fd].serve(channels)
+        for fd in [fd for fd in self._by_fd if fd not in unserved]:
+            self._by_fd.pop(fd).retire(self._dispatcher)  # its worker serves again
 
     def close(self) -> None:
         for dispatcher in self._by_fd.values():

@@ -33,8 +33,9 @@ log = Logger(namespace="txcluster.master")
 class WorkerProcessProtocol(ProcessProtocol):
     """The master's view of one worker process.
 
-    @param channel: round-robin mode: where the master sends this worker its
-        connections; closed when the process ends, after C{release_channel}.
+    @param channel: where the master sends this worker connections (all of
+        them in round-robin), and gets back those it hands back; closed when
+        the process ends, after C{release_channel}.
     """
 
     def __init__(self, worker: Worker, channel: Optional[WorkerChannel] = None,
@@ -131,6 +132,8 @@ class WorkerSpawner:
         child_fds: Dict[int, Any] = {
             0: "w", 1: "r", 2: "r", CONTROL_FROM_WORKER: "r", CONTROL_TO_WORKER: "w",
         }
+        if self._settings.balance != ROUND_ROBIN:
+            child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
         # Every worker has a connection channel: connections come through it
         # in round-robin, and in every mode those the master accepts for it
         # or that another worker hands back.
@@ -138,8 +141,6 @@ class WorkerSpawner:
         ours.setblocking(False)
         child_fds[CONNECTIONS_FD] = theirs.fileno()
         channel = WorkerChannel(ours, self._cpu_of(worker.id))
-        if self._settings.balance != ROUND_ROBIN:
-            child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
         dispatcher = self._dispatcher
         protocol = WorkerProcessProtocol(
             worker, channel,

@@ -113,7 +113,7 @@ def kernel_steers_by_cpu(release: str = platform.release()) -> bool:
 class ReusePortGroup:
     """
     The listening sockets of C{description}'s address, one per worker id;
-    the master never accepts on them.
+    the master accepts on those no worker accepts on (L{unserved}).
 
     The first C{count} are bound at once, before twistd drops privileges
     (the kernel only lets one user's sockets share a port).  An id that
@@ -166,7 +166,8 @@ class ReusePortGroup:
             raise
 
     def fileno(self, worker_id: int) -> int:
-        """Worker C{worker_id}'s socket, bound now if it has none yet."""
+        """Worker C{worker_id}'s socket: if it has none yet, one an id
+        removed left behind, else one bound now."""
         if worker_id not in self._ports and self._left:
             self._add(worker_id, self._left.pop())
         elif worker_id not in self._ports:
@@ -190,8 +191,17 @@ class ReusePortGroup:
         unless C{net.ipv4.tcp_migrate_req} is set), until an id added later
         takes it."""
         port = self._ports.pop(worker_id, None)
-        if port is not None:
-            self._left.append(port)
+        if port is None:
+            return
+        if self.steering:  # else the master would get every connection of that CPU
+            try:
+                port.socket.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, -1)
+            except OSError as e:
+                log.warn("could not unmark the socket of worker {id}: {error}",
+                         id=worker_id, error=e)
+        self._left.append(port)
+        log.info("the socket of worker {id} stays in the group: the master accepts "
+                 "its share of connections until a worker is added", id=worker_id)
 
     def unserved(self, serving: Collection[int]) -> List[int]:
         return ([port.fileno() for worker_id, port in sorted(self._ports.items())

@@ -4,7 +4,8 @@ signals into actions, and exits with a status systemd understands.
 
 L{build_master} makes its parts once, in dependency order: the CPUs
 workers are pinned to, the listening sockets (bound at once, before twistd
-drops privileges), the spawner, the round-robin dispatcher, the
+drops privileges), the spawner, the dispatcher (and with reuseport its
+stand-ins), the
 L{Supervisor} that ties them together, and the ports of C{--metrics} and
 C{--control}, which read and drive it.
 """
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from ..cpus import Pinning, usable_cpus
 from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
-from .dispatch import ConnectionDispatcher, Dealer, StandIns
+from .dispatch import ConnectionDispatcher, StandIns
 from .process import WorkerSpawner
 from .recycling import MemoryWatch
 from .sockets import Listeners, SharedSocket, bind, describe, listen
@@ -505,16 +506,15 @@ def build_master(reactor: Any, settings: Settings,
     """
     pinning = Pinning(usable_cpus()) if settings.cpu_affinity else None
     listeners = bind_listeners(reactor, settings, pinning)
-    # One dealer for every connection the master passes on: those it accepts
-    # (round-robin, or for a reuseport socket no worker accepts on) and
-    # those a stopping worker hands back (every mode).
-    dealer = Dealer()
+    # Its dealer deals every connection the master passes on: those it
+    # accepts (round-robin, or with its stand-ins a reuseport socket no
+    # worker accepts on) and those a stopping worker hands back (every mode).
     dispatcher = ConnectionDispatcher(
-        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None,
-        dealer)
+        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None)
     spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher)
+    stand_ins = StandIns(reactor, dispatcher) if settings.balance == REUSEPORT else None
     master = MasterService(reactor, settings, listeners, spawner, dispatcher,
-                           stand_ins=StandIns(reactor, dealer))
+                           stand_ins=stand_ins)
     if settings.metrics:
         from .metrics import ClusterMetrics, metrics_site
 

@@ -2,8 +2,9 @@
 The listening socket: bound once by the master, before any worker starts.
 
 The master binds through Twisted's own endpoint parser (so every endpoint
-type works), then stops reading at once: it never accepts on it itself
-(round-robin accepts through a copy, L{txcluster.master.dispatch}).  It
+type works), then stops reading at once: the port itself never accepts
+(round-robin, and reuseport for a socket no worker accepts on, accept
+through a copy: L{txcluster.master.dispatch}).  It
 also never calls C{stopListening} on that port, because a C{listenTCP} port
 C{shutdown()}s its socket, which would refuse connections for every worker
 sharing it; the master's copy is simply closed when the master exits.

@@ -352,6 +352,9 @@ class Supervisor:
             return worker
         log.info("worker {id} (pid {pid}) started", id=worker_id, pid=worker.pid)
         self.clock.callLater(self.policy.fast_crash_seconds, self._survived, worker)
+        # Not serving yet, but its id may have just got a listening socket
+        # that nobody accepts on until it is ready (reuseport: the master does).
+        self._serving_changed()
         return worker
 
     def _survived(self, worker: Worker) -> None:

@@ -33,49 +33,52 @@ from .receive import ConnectionReceiver, address_family
 
 def listen(reactor: Any, settings: Settings, factory: IProtocolFactory) -> IListeningPort:
     """Serve C{factory} on what the master passed this worker process."""
-    receiver = ConnectionReceiver(
-        reactor, CONNECTIONS_FD, wrapped(reactor, factory, settings.listen))
+    serving = wrapped(reactor, factory, settings.listen)
+    receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, serving)
     receiver.startListening()
     if settings.balance == ROUND_ROBIN:
         return receiver
-    # A socket of its own (reuseport) has no other worker to share a burst with.
-    port = adopt(reactor, LISTEN_FD, factory, settings.listen,
-                 accept_one=settings.balance == KERNEL)
-    os.close(LISTEN_FD)  # adoptStreamPort made its own copy
+    try:
+        # A socket of its own (reuseport) has no other worker to share a burst with.
+        port = adopt(reactor, LISTEN_FD, serving, accept_one=settings.balance == KERNEL)
+    except BaseException:
+        receiver.stopListening()
+        raise
+    finally:
+        os.close(LISTEN_FD)  # adoptStreamPort made its own copy
     return PortAndChannel(port, receiver)
 
 
 @implementer(IListeningPort)
 class PortAndChannel:
-    """A worker's listening port, and its connection channel beside it:
-    stopping stops both, and idle connections go back over the channel."""
+    """A worker's listening port, and the receiver of its connection
+    channel beside it: stopping stops both, and idle connections go back
+    over the channel."""
 
-    def __init__(self, port: IListeningPort, channel: ConnectionReceiver) -> None:
+    def __init__(self, port: IListeningPort, receiver: ConnectionReceiver) -> None:
         self.port = port
-        self.channel = channel
+        self.receiver = receiver
 
     def startListening(self) -> None:
         """Both listen already."""
 
     def stopListening(self) -> Deferred:
         return gatherResults([maybeDeferred(self.port.stopListening),
-                              self.channel.stopListening()])
+                              self.receiver.stopListening()])
 
     def hand_back(self, fd: int) -> bool:
-        return self.channel.hand_back(fd)
+        return self.receiver.hand_back(fd)
 
     def getHost(self) -> Any:
         return self.port.getHost()
 
 
 
-def adopt(
-    reactor: Any, fd: int, factory: IProtocolFactory, description: str,
-    accept_one: bool = False,
-) -> IListeningPort:
-    """Serve C{factory} on an inherited listening descriptor; with
-    C{accept_one}, one connection per wakeup."""
-    port = reactor.adoptStreamPort(fd, address_family(fd), wrapped(reactor, factory, description))
+def adopt(reactor: Any, fd: int, factory: IProtocolFactory,
+          accept_one: bool = False) -> IListeningPort:
+    """Serve C{factory} (already L{wrapped}) on an inherited listening
+    descriptor; with C{accept_one}, one connection per wakeup."""
+    port = reactor.adoptStreamPort(fd, address_family(fd), factory)
     if accept_one:
         accept_one_per_wakeup(port)
     return port

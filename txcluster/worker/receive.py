@@ -1,6 +1,8 @@
 """
-Round-robin, the worker's side: adopt the connections the master sends
-over the worker's connection channel (L{txcluster.wire.CONNECTIONS_FD}).
+The worker's side of its connection channel
+(L{txcluster.wire.CONNECTIONS_FD}): adopt the connections the master sends
+(every connection in round-robin; in the other modes those it accepted for
+this worker or another worker handed back), and hand idle ones back.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def address_family(fd: int) -> socket.AddressFamily:
 @implementer(IReadDescriptor, IListeningPort)
 class ConnectionReceiver:
     """
-    Adopt the connections the master sends.  Acts as the worker's
-    listening port: C{stopListening} adopts what the
+    Adopt the connections the master sends.  A listening port (in
+    round-robin, the worker's only one): C{stopListening} adopts what the
     master already sent, then stops.
     """
 

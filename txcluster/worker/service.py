@@ -229,7 +229,7 @@ class WorkerService(Service):
             self.site.leaving = True
 
     def _hand_back(self) -> Optional[Callable[[int], bool]]:
-        """Round-robin over plain TCP: idle connections go back to the master
+        """Plain TCP, any balance mode: idle connections go back to the master
         (a TLS connection's state lives in this process, and a PROXY
         protocol connection's header was read here; they are closed)."""
         if not self.may_hand_back or self.settings.listen.startswith(("ssl:", "haproxy:")):

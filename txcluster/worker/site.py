@@ -111,7 +111,7 @@ class DrainableChannel(GuardedChannel):
         """Close now if idle, else after the response in flight (or, for a
         connection that has sent nothing yet, after its first request).
 
-        With the site's C{hand_back} (round-robin, plain TCP), a connection
+        With the site's C{hand_back} (plain TCP, any balance mode), a connection
         between two requests is handed back to the master instead, which
         passes it on to another worker: the client's next request is
         answered there, and never meets a connection closed under it."""
