@@ -314,17 +314,11 @@ class ConnectionDispatcher:
         try:
             for target, n in zip(self._serving, self.dealer.split(len(fds), self._serving)):
                 if n:
-                    batch = fds[sent:sent + n]
-                    try:
-                        send_connections(target.socket, batch)
-                    except OSError:
+                    if not self._send_fds(target.socket, fds[sent:sent + n]):
                         break
-                    for fd in batch:
-                        os.close(fd)  # the worker has its copy
                     self.dealer.record(target, n)
                     sent += n
         finally:
-            self.dispatched += sent
             if sent < len(fds):
                 self._held.extend(Accepted(Descriptor(fd)) for fd in fds[sent:])
                 self._send_held(self._serving)
@@ -354,20 +348,29 @@ class ConnectionDispatcher:
                     self._schedule_retry()
 
     def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
-        """Send C{share}, in messages of at most L{ACCEPT_BATCH}; what was
-        not sent stays held (True: all of it was sent)."""
-        for start in range(0, len(share), ACCEPT_BATCH):
-            batch = share[start:start + ACCEPT_BATCH]
+        """Send C{share} (L{_send_fds}); what was not sent stays held
+        (True: all of it was sent)."""
+        sent = self._send_fds(channel, [c.client.fileno() for c in share])
+        if 0 < sent < len(share):  # some went: only the rest stays held
+            self._held = [c for c in self._held if c not in share[:sent]]
+        return sent == len(share)
+
+    def _send_fds(self, channel: socket.socket, fds: Sequence[int]) -> int:
+        """Send C{fds} in messages of at most L{ACCEPT_BATCH}, closing the
+        master's copy of each one sent; how many were sent (the worker's
+        channel refused the rest)."""
+        sent = 0
+        for start in range(0, len(fds), ACCEPT_BATCH):
+            batch = fds[start:start + ACCEPT_BATCH]
             try:
-                send_connections(channel, [c.client.fileno() for c in batch])
+                send_connections(channel, batch)
             except OSError:
-                if start:  # some went: only the rest stays held
-                    self._held = [c for c in self._held if c not in share[:start]]
-                return False
-            for connection in batch:
-                connection.client.close()  # the worker has its copy
+                break
+            for fd in batch:
+                os.close(fd)  # the worker has its copy
+            sent += len(batch)
             self.dispatched += len(batch)
-        return True
+        return sent
 
     # Connections handed back by a stopping worker ------------------------------
 

@@ -73,7 +73,6 @@ class PortAndChannel:
         return self.port.getHost()
 
 
-
 def adopt(reactor: Any, fd: int, factory: IProtocolFactory,
           accept_one: bool = False) -> IListeningPort:
     """Serve C{factory} (already L{wrapped}) on an inherited listening
