@@ -249,6 +249,30 @@ class RecyclingTests(ClusterTestCase):
         self.assertEqual(cluster.get_json("/")["worker"], 1)
 
 
+class OperationsEnvironmentTests(ClusterTestCase):
+    """The contract's Operations options read from their variables, as a
+    container or a unit's Environment= would set them."""
+
+    def test_each_option_from_its_variable(self):
+        control = self.path("control.sock")
+        cluster = self.start(app=None, workers=1, env={
+            "TXCLUSTER_METRICS": "tcp:0:interface=127.0.0.1",
+            "TXCLUSTER_CONTROL": control,
+            "TXCLUSTER_MAX_MEMORY": "1",
+            "TXCLUSTER_MAX_REQUESTS": "-5",
+            "TXCLUSTER_MAX_REQUESTS_JITTER": "abc",
+        })
+        address = cluster.wait_for_log(r"metrics on (\S+)").group(1)
+        self.assertIn("txcluster_workers 1.0", scrape(f"http://{address}/metrics"))
+        self.assertEqual(stat.S_IMODE(os.stat(control).st_mode), 0o600)
+        cluster.wait_for_log(r"worker 1 \(pid \d+\) recycled: RSS \d+ MiB > 1 MiB")
+        for variable in ("TXCLUSTER_MAX_REQUESTS=", "TXCLUSTER_MAX_REQUESTS_JITTER="):
+            [warning] = [line for line in cluster.output.splitlines()
+                         if f"ignoring {variable}" in line]
+            self.assertIn("using the default", warning)
+        self.assertNotIn("Traceback", cluster.output)
+
+
 class CgroupQuotaTests(ClusterTestCase):
     """C{--workers auto} in a cgroup (v1's cpu controller, as on this
     machine) limited to 1 CPU starts 1 worker, whatever the CPUs."""
