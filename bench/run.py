@@ -537,7 +537,7 @@ def _ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-DEFAULT_MODES = ["round-robin", "round-robin+affinity", "kernel", "reuseport",
+DEFAULT_MODES = ["auto", "round-robin", "round-robin+affinity", "kernel", "reuseport",
                  "reuseport+affinity"]
 
 

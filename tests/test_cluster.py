@@ -3,13 +3,19 @@ The installed plugin, started as a new user would: ``twistd -n txcluster``.
 Each test runs real processes on an ephemeral port and kills them all.
 """
 
+import http.client
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 
+from txcluster.cpus import kernel_steers_by_cpu, usable_cpus
+from txcluster.options import choose_balance, usable_cpu_count
+from txcluster.settings import Settings
 from txcluster.testing import pid_alive, twistd_command, wait_until
 
 from .integration import ROOT, ClusterTestCase, clean_environment, free_port
@@ -310,3 +316,52 @@ class ReusePortServingTests(ServingTests):
     """The same, with a socket per worker."""
 
     cluster_args = ("--balance", "reuseport")
+
+
+class RoundRobinServingTests(ServingTests):
+    """The same, with the master dealing every connection."""
+
+    cluster_args = ("--balance", "round-robin")
+
+
+class DefaultBalanceTests(ClusterTestCase):
+    """C{--balance auto}, the default: reuseport with each worker pinned to
+    a CPU where the kernel steers by CPU, kept even by the workers' shared
+    ledger; round-robin elsewhere."""
+
+    def test_the_log_says_what_auto_chose(self):
+        cluster = self.start(workers=2)
+        chosen = choose_balance(Settings(balance="auto", workers=2), kernel_steers_by_cpu(),
+                                usable_cpu_count())
+        cluster.wait_for_log(re.escape(chosen.notes[0]))
+        status = cluster.get_json("/")
+        self.assertEqual(status["workers"], 2)
+
+    def test_one_request_at_a_time_goes_round_robin(self):
+        """A person or a script, one connection at a time from one CPU:
+        every worker answers in turn, as round-robin would have them."""
+        cluster = self.start(workers=3)
+        answered = Counter(cluster.get_json("/")["worker"] for _ in range(12))
+        self.assertEqual(sorted(answered), [1, 2, 3])
+        self.assertGreaterEqual(min(answered.values()), 3, answered)
+
+    def test_a_client_on_one_cpu_is_spread_over_every_worker(self):
+        """Connections that all arrive on one CPU (a one-thread client,
+        a network card with one queue) would all go to that CPU's worker
+        if the kernel alone chose; the workers hand the excess on."""
+        cpus = usable_cpus()
+        os.sched_setaffinity(0, cpus[:1])
+        self.addCleanup(os.sched_setaffinity, 0, cpus)
+        cluster = self.start(workers=2)
+        host, port = cluster.url.split("//")[1].rstrip("/").split(":")
+        connections = [http.client.HTTPConnection(host, int(port), timeout=10)
+                       for _ in range(20)]
+        for connection in connections:
+            connection.connect()
+            self.addCleanup(connection.close)
+        answered = Counter()
+        for connection in connections:
+            connection.request("GET", "/")
+            answered[json.loads(connection.getresponse().read())["worker"]] += 1
+        self.assertEqual(sorted(answered), [1, 2])
+        self.assertGreaterEqual(min(answered.values()), 5, answered)

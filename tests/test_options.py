@@ -21,6 +21,14 @@ def parse(argv=(), environ=None, cpus=3):
     return options.settings
 
 
+def parse_steering(argv=(), environ=None, steers=True, cpus=3):
+    """Parse as on a kernel that does (or does not) steer by CPU."""
+    options = ClusterOptions(environ={} if environ is None else environ,
+                             cpu_count=lambda: cpus, kernel_steers=lambda: steers)
+    options.parseOptions(list(argv))
+    return options.settings
+
+
 class DefaultsTests(unittest.TestCase):
     def test_defaults(self):
         settings = parse()
@@ -86,7 +94,50 @@ class CommandLineErrorTests(unittest.TestCase):
     def test_balance_modes(self):
         for mode in ("round-robin", "kernel", "reuseport"):
             self.assertEqual(parse(["--balance", mode]).balance, mode)
+        self.assertIn(parse(["--balance", "auto"]).balance, ("round-robin", "reuseport"))
         self.assertUsageError(["--balance", "random"], "--balance", "'random'", "reuseport")
+
+    def test_balance_auto_is_the_default(self):
+        """Where the kernel steers connections by CPU and --listen is TCP:
+        reuseport, each worker pinned to a CPU, and the log says so."""
+        for argv, environ in (([], {}), (["--balance", "auto"], {}),
+                              ([], {"TXCLUSTER_BALANCE": "auto"})):
+            settings = parse_steering(argv, environ, steers=True, cpus=4)
+            self.assertEqual((settings.balance, settings.cpu_affinity), ("reuseport", True))
+            self.assertEqual(settings.notes,
+                             ("balance auto: reuseport, with each worker pinned to a CPU",))
+
+    def test_balance_auto_elsewhere_is_round_robin(self):
+        """An older kernel, or a socket reuseport cannot bind more of."""
+        settings = parse_steering([], steers=False)
+        self.assertEqual((settings.balance, settings.cpu_affinity), ("round-robin", False))
+        self.assertEqual(settings.notes, ("balance auto: round-robin, since the kernel does not "
+                                          "steer connections by CPU (Linux 6.2 does)",))
+        settings = parse_steering(["-l", "unix:/tmp/t.sock"], steers=True)
+        self.assertEqual(settings.balance, "round-robin")
+        self.assertEqual(settings.notes, ("balance auto: round-robin, since --listen is not "
+                                          "TCP (unix:)",))
+        self.assertEqual(parse_steering(["-l", "haproxy:tcp:0"], steers=True).balance,
+                         "reuseport")
+
+    def test_balance_auto_pins_only_what_it_can_spread(self):
+        """One worker, or one CPU: reuseport without pinning."""
+        for argv, cpus in ((["-w", "1"], 4), (["-w", "3"], 1)):
+            settings = parse_steering(argv, steers=True, cpus=cpus)
+            self.assertEqual((settings.balance, settings.cpu_affinity), ("reuseport", False))
+        settings = parse_steering(["-w", "1", "--cpu-affinity"], steers=True, cpus=4)
+        self.assertTrue(settings.cpu_affinity)
+
+    def test_explicit_modes_are_kept(self):
+        for mode in ("round-robin", "kernel", "reuseport"):
+            settings = parse_steering(["--balance", mode], steers=True, cpus=4)
+            self.assertEqual((settings.balance, settings.cpu_affinity, settings.notes),
+                             (mode, False, ()))
+        self.assertEqual(parse_steering(["--single"], steers=True).notes, ())
+
+    def test_notes_are_the_master_s_only(self):
+        settings = parse_steering([], steers=True, cpus=4)
+        self.assertEqual(Settings.from_json(settings.to_json()).notes, ())
 
     def test_reuseport_needs_a_tcp_endpoint(self):
         for endpoint in ("tcp:0", "tcp6:0:interface=\\:\\:1"):
@@ -161,10 +212,12 @@ class EnvironmentTests(unittest.TestCase):
         self.assertTrue(parse(["--single"], environ={"CLUSTERING_ENABLED": "true"}).single)
 
     def test_cpu_affinity_is_off_unless_asked(self):
-        self.assertFalse(parse().cpu_affinity)
-        self.assertTrue(parse(["--cpu-affinity"]).cpu_affinity)
-        self.assertTrue(parse(environ={"TXCLUSTER_CPU_AFFINITY": "yes"}).cpu_affinity)
-        settings = parse(environ={"TXCLUSTER_CPU_AFFINITY": "sometimes"})
+        """(Or unless --balance auto chose it: test_balance_auto_is_the_default.)"""
+        rr = ["--balance", "round-robin"]
+        self.assertFalse(parse(rr).cpu_affinity)
+        self.assertTrue(parse([*rr, "--cpu-affinity"]).cpu_affinity)
+        self.assertTrue(parse(rr, environ={"TXCLUSTER_CPU_AFFINITY": "yes"}).cpu_affinity)
+        settings = parse(rr, environ={"TXCLUSTER_CPU_AFFINITY": "sometimes"})
         self.assertFalse(settings.cpu_affinity)
         self.assertIn("TXCLUSTER_CPU_AFFINITY='sometimes'", settings.warnings[0])
 
@@ -306,9 +359,12 @@ class EnvFileTests(unittest.TestCase):
 
 class SettingsTests(unittest.TestCase):
     def test_defaults_agree_with_the_table(self):
+        """(Except --balance: the table's auto is resolved by choose_balance,
+        and a Settings holds what it chose.)"""
         defaults = Settings()
+        self.assertEqual(defaults.balance, "round-robin")
         for setting in SETTINGS:
-            if setting.default is not None:
+            if setting.default is not None and setting.name != "balance":
                 self.assertEqual(getattr(defaults, setting.attribute), setting.default,
                                  setting.name)
 

@@ -9,9 +9,10 @@ from twisted.trial import unittest
 
 from txcluster.cpus import cpu_for
 from txcluster.master import dispatch
+from txcluster.ledger import MAX_SERVED_SLACK, Ledger
 from txcluster.master.dispatch import (
-    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, StandIns,
-    WorkerChannel,
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, LedgerDealer,
+    StandIns, WorkerChannel,
 )
 from txcluster.worker.receive import ConnectionReceiver
 
@@ -430,3 +431,93 @@ class DealerTests(unittest.TestCase):
         self.assertIn(dispatcher, reactor.readers)
         dispatcher.serve([])
         self.assertNotIn(dispatcher, reactor.readers)
+
+
+class LedgerDealerTests(WorkerChannels):
+    """Reuseport: what a worker hands on goes to the least loaded worker by
+    the ledger the workers share, and is counted there."""
+
+    def setUp(self):
+        super().setUp()
+        self.ledger = Ledger.create()
+        self.addCleanup(os.close, self.ledger.fileno())
+        self.addCleanup(self.ledger.close)
+        self.dealer = LedgerDealer(self.ledger)
+        self.serving = [WorkerChannel(ours, None, i, self.dealer.allocate())
+                        for i, (ours, _) in enumerate(self.channels, start=1)]
+        self.dispatcher = ConnectionDispatcher(self.reactor, None, self.dealer)
+        self.addCleanup(self.dispatcher.close)
+        self.dispatcher.serve(self.serving)
+
+    def hand_on(self, n):
+        """Worker 1 hands n connections on, as its acceptor does."""
+        self.dispatcher.watch(self.serving[0])
+        clients = self.connect(n)
+        accepted = [self.listener.accept()[0] for _ in clients]
+        socket.send_fds(self.channels[0][1], [b"c"], [a.fileno() for a in accepted])
+        for a in accepted:
+            a.close()
+        readers = [r for r in self.reactor.readers if r is not self.dispatcher]
+        readers[0].doRead()
+        return clients
+
+    def test_serving_ids_are_marked(self):
+        self.assertEqual(set(self.ledger.loads()), {1, 2, 3})
+        self.dispatcher.serve(self.serving[1:])
+        self.assertEqual(set(self.ledger.loads()), {2, 3})
+
+    def test_handed_on_goes_to_the_least_loaded(self):
+        self.ledger.set_open(1, 9)
+        self.ledger.set_open(2, 5)
+        self.ledger.set_open(3, 2)
+        self.hand_on(4)
+        # Worker 3 first (2 open), then 3 and 2 in turn as their loads grow.
+        self.assertEqual([self.received(i) for i in range(3)], [0, 1, 3])
+        self.assertEqual([self.ledger.load(i).served for i in (1, 2, 3)], [0, 1, 3])
+
+    def test_a_worker_that_joins_is_lifted_not_flooded(self):
+        """Ids 1 and 2 have served many; id 3 joins: it starts just within
+        the slack of the most served, so the others go on keeping theirs."""
+        self.dispatcher.serve(self.serving[:2])
+        self.ledger.add_kept(1, 5000)
+        self.ledger.add_kept(2, 4990)
+        self.dispatcher.serve(self.serving)
+        self.assertEqual(self.ledger.load(3).served, 5000 - MAX_SERVED_SLACK)
+        self.assertEqual(self.ledger.load(2).served, 4990)  # within the slack: as it was
+
+    def test_rows_are_given_and_taken_back(self):
+        self.assertEqual([t.row for t in self.serving], [1, 2, 3])
+        self.dispatcher.release(self.serving[1])
+        self.assertEqual(self.dealer.allocate(), 2)
+        self.assertEqual(self.dealer.allocate(), 4)
+
+    def test_kept_until_taken_then_closed(self):
+        """The master's copy of a connection it sent stays open until the
+        worker's row says it took it."""
+        self.ledger.set_open(1, 9)
+        self.ledger.set_open(2, 9)
+        [client] = self.hand_on(1)
+        self.assertEqual(self.received(2), 1)
+        self.assertTrue(self.dealer.waiting())
+        self.assertEqual(self.reactor.getDelayedCalls()[0].getTime(), dispatch.SWEEP_SECONDS)
+        self.reactor.advance(dispatch.SWEEP_SECONDS)
+        self.assertTrue(self.dealer.waiting())  # not taken yet: still kept
+        self.ledger.add_received(3, 1)
+        self.reactor.advance(dispatch.SWEEP_SECONDS)
+        self.assertFalse(self.dealer.waiting())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_what_a_dead_worker_never_took_is_dealt_again(self):
+        """kill -9 of a hung worker: what the master sent it and it never
+        took goes to another worker, still open."""
+        self.ledger.set_open(1, 9)
+        self.ledger.set_open(2, 9)
+        [client] = self.hand_on(1)
+        _, fds, _, _ = socket.recv_fds(self.channels[2][1], 64, 64)
+        for fd in fds:
+            os.close(fd)  # lost with the process...
+        self.channels[2][1].close()
+        self.dispatcher.release(self.serving[2])
+        self.dispatcher.serve(self.serving[:2])
+        self.assertEqual(self.received(0) + self.received(1), 1)  # ...but dealt again
+        client.sendall(b"still open")

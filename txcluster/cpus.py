@@ -9,11 +9,22 @@ the one place that knows C{os.sched_getaffinity} is Linux only.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 from typing import Any, List, Optional, Sequence
 
 #: Linux's socket option (named in the socket module from Python 3.11 only).
 SO_INCOMING_CPU = getattr(socket, "SO_INCOMING_CPU", 49)
+
+
+def kernel_steers_by_cpu(release: str = platform.release()) -> bool:
+    """Does this kernel hand a connection to the C{SO_REUSEPORT} socket
+    marked with the CPU that received it?  (Linux 6.2 and later.)"""
+    try:
+        version = tuple(int(part) for part in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return platform.system() == "Linux" and version >= (6, 2)
 
 
 def usable_cpus() -> List[int]:

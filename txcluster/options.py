@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 import attr
 from twisted.python import usage
 
-from .cpus import cgroup_cpu_limit, default_workers, usable_cpus
+from .cpus import cgroup_cpu_limit, default_workers, kernel_steers_by_cpu, usable_cpus
 from .settings import (
-    ACCESS_LOG_FORMATS, BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS, Settings,
-    endpoint_kind,
+    ACCESS_LOG_FORMATS, AUTO, BALANCE_MODES, DEFAULT_APP, REUSEPORT, REUSEPORT_ENDPOINTS,
+    ROUND_ROBIN, Settings, endpoint_kind,
 )
 
 
@@ -38,6 +38,28 @@ def usable_cpu_count() -> int:
     """How many CPUs this process may use: those it may run on (taskset,
     cpusets), or its cgroup's CPU quota if lower."""
     return default_workers(usable_cpus(), cgroup_cpu_limit())
+
+
+def choose_balance(settings: Settings, kernel_steers: bool, cpus: int) -> Settings:
+    """
+    Resolve C{--balance auto}: C{reuseport}, with each worker pinned to a
+    CPU (C{--cpu-affinity}) when there are two workers and two CPUs or
+    more, where the kernel hands each connection to the worker on the CPU
+    that received it (Linux 6.2 and later) and C{--listen} is TCP; else
+    C{round-robin}.  (README.rst, "Balancing", says why.)
+    """
+    if settings.balance != AUTO or settings.single:
+        return settings
+    kind = endpoint_kind(settings.listen)
+    if not kernel_steers or kind not in REUSEPORT_ENDPOINTS:
+        why = ("the kernel does not steer connections by CPU (Linux 6.2 does)"
+               if kernel_steers is False else f"--listen is not TCP ({kind}:)")
+        return attr.evolve(settings, balance=ROUND_ROBIN, notes=settings.notes + (
+            f"balance auto: round-robin, since {why}",))
+    pinned = settings.cpu_affinity or (settings.workers >= 2 and cpus >= 2)
+    how = "with each worker pinned to a CPU" if pinned else "without pinning (one CPU or worker)"
+    return attr.evolve(settings, balance=REUSEPORT, cpu_affinity=pinned, notes=settings.notes + (
+        f"balance auto: reuseport, {how}",))
 
 
 # --- value parsers: text -> value, or BadValue -------------------------------
@@ -242,11 +264,13 @@ SETTINGS: Sequence[Setting] = (
         env=(("TXCLUSTER_APP", parse_app),),
     ),
     Setting(
-        "balance", "How connections are spread: 'round-robin' (the master accepts "
-        "and hands each connection to the next worker), 'kernel' (workers accept on "
-        "the shared socket, one per wakeup) or 'reuseport' (a socket per worker, "
-        "TCP only; see README.rst).",
-        default="round-robin", parse=parse_balance, metavar="MODE",
+        "balance", "How connections are spread: 'auto' (reuseport with "
+        "--cpu-affinity where the kernel steers connections by CPU, Linux 6.2 and "
+        "later, and --listen is TCP; else round-robin), 'round-robin' (the master "
+        "accepts and hands each connection to the next worker), 'kernel' (workers "
+        "accept on the shared socket, one per wakeup) or 'reuseport' (a socket per "
+        "worker, each keeping a fair share, TCP only; see README.rst).",
+        default=AUTO, parse=parse_balance, metavar="MODE",
         env=(("TXCLUSTER_BALANCE", parse_balance),),
     ),
     Setting(
@@ -566,10 +590,12 @@ class ClusterOptions(usage.Options):
         self,
         environ: Optional[MutableMapping[str, str]] = None,
         cpu_count: Callable[[], int] = usable_cpu_count,
+        kernel_steers: Callable[[], bool] = kernel_steers_by_cpu,
     ) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self._cpu_count = cpu_count
+        self._kernel_steers = kernel_steers
         self.settings: Optional[Settings] = None
 
     def postOptions(self) -> None:
@@ -595,22 +621,24 @@ class ClusterOptions(usage.Options):
     def before_endpoint_check(self, settings: Settings) -> None:
         """Runs before Twisted's endpoint parser is first imported."""
 
-    @staticmethod
-    def _check_balance(settings: Settings, source: str) -> Settings:
+    def _check_balance(self, settings: Settings, source: str) -> Settings:
         """reuseport binds more sockets like the first: TCP ones only.  Like
         any bad value, a usage error on the command line or in the config
-        file, a warning and the default from the environment."""
+        file, a warning and the default from the environment.  Then C{auto}
+        is resolved (L{choose_balance})."""
         kind = endpoint_kind(settings.listen)
         if settings.balance != REUSEPORT or settings.single or kind in REUSEPORT_ENDPOINTS:
-            return settings
+            return choose_balance(settings, self._kernel_steers(), self._cpu_count())
         problem = f"needs a tcp:, tcp6: or ssl: --listen, not {settings.listen!r}"
         if source.startswith("--"):
             raise usage.UsageError(f"--balance reuseport {problem}")
         if source == "config":
             raise usage.UsageError(f"--config {settings.config}: balance = reuseport {problem}")
         warning = f"ignoring {source}='reuseport': it {problem}; using the default"
-        return attr.evolve(settings, balance=_BY_NAME["balance"].default,
-                           warnings=settings.warnings + (warning,))
+        return choose_balance(
+            attr.evolve(settings, balance=_BY_NAME["balance"].default,
+                        warnings=settings.warnings + (warning,)),
+            self._kernel_steers(), self._cpu_count())
 
     @staticmethod
     def _check_endpoint(settings: Settings, name: str, source: str) -> Settings:

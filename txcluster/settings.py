@@ -16,10 +16,11 @@ import attr
 DEFAULT_APP = "txcluster.demo:cluster"
 
 #: C{--balance} modes (see README.rst, "Balancing").
+AUTO = "auto"  # reuseport with CPU affinity where the kernel steers by CPU, else round-robin
 ROUND_ROBIN = "round-robin"  # the master accepts and deals each connection
 KERNEL = "kernel"  # every worker accepts on the one shared socket
 REUSEPORT = "reuseport"  # a SO_REUSEPORT socket per worker id
-BALANCE_MODES = (ROUND_ROBIN, KERNEL, REUSEPORT)
+BALANCE_MODES = (AUTO, ROUND_ROBIN, KERNEL, REUSEPORT)
 
 #: The modes where --cpu-affinity also keeps each connection on the CPU
 #: that received it (and so a worker sends back a client that moved).
@@ -38,6 +39,10 @@ def endpoint_kind(description: str) -> str:
     if description.startswith("haproxy:"):
         description = description[len("haproxy:"):]
     return description.partition(":")[0]
+
+
+#: What only the master's log needs; workers never see it.
+_MASTER_ONLY = ("warnings", "notes")
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -78,9 +83,11 @@ class Settings:
     #: what was ignored while resolving (bad environment values); the
     #: master logs them once it runs, and workers never see them
     warnings: tuple[str, ...] = ()
+    #: what resolving chose that the log should say (C{--balance auto})
+    notes: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(attr.asdict(self, filter=lambda a, v: a.name != "warnings"))
+        return json.dumps(attr.asdict(self, filter=lambda a, v: a.name not in _MASTER_ONLY))
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":

@@ -61,6 +61,7 @@ LISTEN_FD = 3  # kernel and reuseport modes: the listening socket to adopt
 CONTROL_FROM_WORKER = 4  # the worker writes, the master reads
 CONTROL_TO_WORKER = 5  # the master writes, the worker reads
 CONNECTIONS_FD = 6  # connections from the master (all of them in round-robin), and back
+LEDGER_FD = 7  # reuseport mode: the shared tally of connections (txcluster.ledger)
 
 
 # Environment -----------------------------------------------------------------
@@ -71,8 +72,9 @@ _MASTER_PID_VARIABLE = "TXCLUSTER_MASTER_PID"
 _SETTINGS_VARIABLE = "TXCLUSTER_SETTINGS"
 _HOME_CPU_VARIABLE = "TXCLUSTER_WORKER_CPU"
 _CPUS_VARIABLE = "TXCLUSTER_WORKER_CPUS"
+_LEDGER_ROW_VARIABLE = "TXCLUSTER_LEDGER_ROW"
 _MASTER_ONLY = frozenset({
-    _HOME_CPU_VARIABLE, _CPUS_VARIABLE, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+    _HOME_CPU_VARIABLE, _CPUS_VARIABLE, _LEDGER_ROW_VARIABLE, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
 })
 
@@ -85,7 +87,8 @@ class WorkerEnvironment:
     C{worker_id} and C{count} are also for the app (C{TXCLUSTER_WORKER_ID},
     C{TXCLUSTER_WORKERS}, as the contract says).  C{home_cpu} and C{cpus}
     are set with C{--cpu-affinity} where the worker should keep clients on
-    its CPU (L{txcluster.worker.locality.Locality}).
+    its CPU (L{txcluster.worker.locality.Locality}).  C{ledger_row} is the
+    process's row in the ledger of loads (reuseport, L{LEDGER_FD}).
     """
 
     worker_id: int
@@ -94,6 +97,7 @@ class WorkerEnvironment:
     settings: Settings
     home_cpu: Optional[int] = None
     cpus: Tuple[int, ...] = ()
+    ledger_row: Optional[int] = None
 
     def to_environ(self, inherited: Mapping[str, str]) -> Dict[str, str]:
         """The worker's whole environment: C{inherited} plus ours, less what
@@ -110,12 +114,15 @@ class WorkerEnvironment:
         if self.home_cpu is not None:
             env[_HOME_CPU_VARIABLE] = str(self.home_cpu)
             env[_CPUS_VARIABLE] = ",".join(map(str, self.cpus))
+        if self.ledger_row is not None:
+            env[_LEDGER_ROW_VARIABLE] = str(self.ledger_row)
         return env
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "WorkerEnvironment":
         """@raise KeyError, ValueError: not started by a txcluster master."""
         home = environ.get(_HOME_CPU_VARIABLE)
+        row = environ.get(_LEDGER_ROW_VARIABLE)
         return cls(
             worker_id=int(environ[WORKER_ID_VARIABLE]),
             count=int(environ[WORKERS_VARIABLE]),
@@ -123,6 +130,7 @@ class WorkerEnvironment:
             settings=Settings.from_json(environ[_SETTINGS_VARIABLE]),
             home_cpu=None if home is None else int(home),
             cpus=tuple(int(c) for c in environ.get(_CPUS_VARIABLE, "").split(",") if c),
+            ledger_row=None if row is None else int(row),
         )
 
 

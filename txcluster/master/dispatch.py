@@ -24,7 +24,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from collections import deque
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Sequence
 
 import attr
 from twisted.internet.interfaces import IReadDescriptor
@@ -32,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..cpus import incoming_cpu
+from ..ledger import MAX_ROWS, MAX_SERVED_SLACK, Ledger, Load, least_loaded
 from ..wire import ACCEPT_BATCH, receive_connections, send_connections
 
 log = Logger(namespace="txcluster.master")
@@ -39,6 +41,11 @@ log = Logger(namespace="txcluster.master")
 #: While no worker can take a connection (every channel full), the master
 #: holds what it accepted, stops accepting, and retries after this many seconds.
 RETRY_SECONDS = 0.01
+
+#: How often the master closes its copies of connections the workers have
+#: taken, when it keeps them (L{LedgerDealer}); each is also closed as the
+#: next connection goes to that worker.
+SWEEP_SECONDS = 0.5
 
 #: After accept() fails for another reason than one connection's (out of
 #: descriptors or memory, say), the master stops accepting for this long:
@@ -55,11 +62,15 @@ _ONE_CONNECTION_ERRORS = frozenset({
 
 @attr.s(frozen=True, auto_attribs=True, eq=False)
 class WorkerChannel:
-    """The master's end of a worker's connection channel, and the CPU the
-    worker is pinned to (C{None}: not pinned)."""
+    """The master's end of a worker's connection channel, the CPU the
+    worker is pinned to (C{None}: not pinned), the worker's id and its
+    process's ledger row."""
 
     socket: socket.socket
     cpu: Optional[int] = None
+    worker_id: int = 0
+    #: reuseport: the process's row in the ledger (0: none)
+    row: int = 0
 
 
 class Descriptor(int):
@@ -168,6 +179,129 @@ class Dealer:
         """Forget the workers that are gone."""
         self._served = {t: n for t, n in self._served.items() if t in targets}
 
+    def handed(self, target: WorkerChannel, fds: Sequence[int]) -> None:
+        """C{fds} were sent to C{target}: the worker has its copies, so the
+        master closes its own."""
+        for fd in fds:
+            os.close(fd)
+
+    def waiting(self) -> bool:
+        """Does the master keep copies of connections sent (L{sweep})?"""
+        return False
+
+    def sweep(self) -> None:
+        """Close the copies kept of connections the workers have taken."""
+
+    def release(self, target: WorkerChannel) -> List[int]:
+        """C{target}'s process is gone: what it was sent and never took,
+        for the master to deal again."""
+        return []
+
+
+class LedgerDealer(Dealer):
+    """
+    C{--balance reuseport}: workers accept themselves, and the master deals
+    only what one of them hands on (more than its fair share) and what it
+    accepts on a socket no worker serves.  Each goes to the least loaded
+    serving worker by the L{Ledger} they all share
+    (L{txcluster.ledger.least_loaded}), and is counted there.
+
+    The master keeps its copy of each connection it sends until the
+    worker's row says the worker has taken it (C{received}): if the worker
+    dies first (say C{kill -9} of a hung one), the master deals it again,
+    and no client sees its connection reset.  It also gives each worker
+    process its row (L{allocate}).
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self._free_rows = list(range(MAX_ROWS, 0, -1))
+        #: per channel: the descriptors sent and not known to be taken yet,
+        #: oldest first, and how many it was sent before them
+        self._unconfirmed: Dict[WorkerChannel, Deque[int]] = {}
+        self._confirmed: Dict[WorkerChannel, int] = {}
+
+    def allocate(self) -> int:
+        """A row for a new worker process, cleared (0: none is left; that
+        process keeps every connection it accepts)."""
+        if not self._free_rows:
+            return 0
+        row = self._free_rows.pop()
+        self.ledger.clear(row)
+        return row
+
+    def deal(self, accepted: Sequence[Accepted],
+             targets: Sequence[WorkerChannel]) -> List[List[Accepted]]:
+        by_row = {t.row: t for t in targets if self.ledger.has(t.row)}
+        if not by_row:
+            return super().deal(accepted, targets)
+        loads = {row: self.ledger.load(row) for row in by_row}
+        shares: Dict[WorkerChannel, List[Accepted]] = {t: [] for t in targets}
+        for connection in accepted:
+            row = least_loaded(loads)
+            shares[by_row[row]].append(connection)  # type: ignore[index]
+            load = loads[row]  # type: ignore[index]
+            loads[row] = Load(load.open + 1, load.served + 1)  # type: ignore[index]
+        return [shares[t] for t in targets]
+
+    def split(self, n: int, targets: Sequence[WorkerChannel]) -> List[int]:
+        return [len(share) for share in self.deal([Accepted(None)] * n, targets)]
+
+    def record(self, target: WorkerChannel, n: int) -> None:
+        if self.ledger.has(target.row):
+            self.ledger.add_dealt(target.row, n)
+        else:
+            super().record(target, n)
+
+    def keep_only(self, targets: Sequence[WorkerChannel]) -> None:
+        """C{targets} serve from now on.  One that joins having served
+        fewer connections than the others (a new process) is lifted to
+        just within the slack of the most served, else the others would
+        hand it every connection until it caught up."""
+        super().keep_only(targets)
+        rows = [t.row for t in targets if self.ledger.has(t.row)]
+        self.ledger.set_serving(rows)
+        floor = max((self.ledger.load(row).served for row in rows), default=0) - MAX_SERVED_SLACK
+        for row in rows:
+            behind = floor - self.ledger.load(row).served
+            if behind > 0:
+                self.ledger.lift(row, behind)
+
+    def handed(self, target: WorkerChannel, fds: Sequence[int]) -> None:
+        if not self.ledger.has(target.row):
+            super().handed(target, fds)
+            return
+        self._unconfirmed.setdefault(target, deque()).extend(fds)
+        self._confirmed.setdefault(target, 0)
+        self._sweep(target)
+
+    def waiting(self) -> bool:
+        return any(self._unconfirmed.values())
+
+    def sweep(self) -> None:
+        for target in list(self._unconfirmed):
+            self._sweep(target)
+
+    def _sweep(self, target: WorkerChannel) -> None:
+        unconfirmed = self._unconfirmed[target]
+        taken = self.ledger.received(target.row) - self._confirmed[target]
+        for _ in range(min(taken, len(unconfirmed))):
+            os.close(unconfirmed.popleft())
+            self._confirmed[target] += 1
+
+    def release(self, target: WorkerChannel) -> List[int]:
+        if target not in self._unconfirmed and not self.ledger.has(target.row):
+            return []
+        if target in self._unconfirmed:
+            self._sweep(target)
+        left = list(self._unconfirmed.pop(target, ()))
+        self._confirmed.pop(target, None)
+        if self.ledger.has(target.row):
+            self._free_rows.append(target.row)
+            self._free_rows.sort(reverse=True)
+        return left
+
 
 @implementer(IReadDescriptor)
 class ConnectionDispatcher:
@@ -206,6 +340,7 @@ class ConnectionDispatcher:
         self._retry: Optional[Any] = None
         self._closed = False
         self._watched: Dict[WorkerChannel, "_HandedBack"] = {}
+        self._sweeping: Optional[Any] = None
         self.reading = False
         self.dispatched = 0
         self.handed_back = 0
@@ -262,6 +397,8 @@ class ConnectionDispatcher:
         finally:
             if self._retry is not None and self._retry.active():
                 self._retry.cancel()
+            if self._sweeping is not None and self._sweeping.active():
+                self._sweeping.cancel()
             for connection in self._held:
                 connection.client.close()
             if self._held:
@@ -314,7 +451,7 @@ class ConnectionDispatcher:
         try:
             for target, n in zip(self._serving, self.dealer.split(len(fds), self._serving)):
                 if n:
-                    if not self._send_fds(target.socket, fds[sent:sent + n]):
+                    if not self._send_fds(target, fds[sent:sent + n]):
                         break
                     self.dealer.record(target, n)
                     sent += n
@@ -335,7 +472,7 @@ class ConnectionDispatcher:
                 shares = self.dealer.deal(self._held, targets)
                 refused = []
                 for target, share in zip(targets, shares):
-                    if share and self._send(target.socket, share):
+                    if share and self._send(target, share):
                         self.dealer.record(target, len(share))
                         self._held = [c for c in self._held if c not in share]
                     elif share:
@@ -347,30 +484,41 @@ class ConnectionDispatcher:
                 if ready:
                     self._schedule_retry()
 
-    def _send(self, channel: socket.socket, share: List[Accepted]) -> bool:
+    def _send(self, target: WorkerChannel, share: List[Accepted]) -> bool:
         """Send C{share} (L{_send_fds}); what was not sent stays held
         (True: all of it was sent)."""
-        sent = self._send_fds(channel, [c.client.fileno() for c in share])
+        sent = self._send_fds(target, [c.client.fileno() for c in share])
         if 0 < sent < len(share):  # some went: only the rest stays held
             self._held = [c for c in self._held if c not in share[:sent]]
         return sent == len(share)
 
-    def _send_fds(self, channel: socket.socket, fds: Sequence[int]) -> int:
-        """Send C{fds} in messages of at most L{ACCEPT_BATCH}, closing the
-        master's copy of each one sent; how many were sent (the worker's
-        channel refused the rest)."""
+    def _send_fds(self, target: WorkerChannel, fds: Sequence[int]) -> int:
+        """Send C{fds} in messages of at most L{ACCEPT_BATCH}, then leave
+        the master's copies to the dealer (L{Dealer.handed}); how many
+        were sent (the worker's channel refused the rest)."""
         sent = 0
         for start in range(0, len(fds), ACCEPT_BATCH):
             batch = fds[start:start + ACCEPT_BATCH]
             try:
-                send_connections(channel, batch)
+                send_connections(target.socket, batch)
             except OSError:
                 break
-            for fd in batch:
-                os.close(fd)  # the worker has its copy
+            self.dealer.handed(target, batch)
             sent += len(batch)
             self.dispatched += len(batch)
+        if self.dealer.waiting():
+            self._schedule_sweep()
         return sent
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeping is None or not self._sweeping.active():
+            self._sweeping = self._reactor.callLater(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeping = None
+        self.dealer.sweep()
+        if self.dealer.waiting():
+            self._schedule_sweep()
 
     # Connections handed back by a stopping worker ------------------------------
 
@@ -387,6 +535,16 @@ class ConnectionDispatcher:
         reader = self._watched.pop(channel, None)
         if reader is not None:
             self._reactor.removeReader(reader)
+
+    def release(self, channel: WorkerChannel) -> None:
+        """The worker on C{channel} is gone: stop reading from it, and deal
+        again what it was sent and never took (L{LedgerDealer})."""
+        self.unwatch(channel)
+        left = self.dealer.release(channel)
+        if left:
+            log.info("dealing again {n} connections worker {id} never took",
+                     n=len(left), id=channel.worker_id)
+            self.hold([Accepted(Descriptor(fd)) for fd in left])
 
     def takes_back(self) -> bool:
         """Will connections handed back be passed on?  (Not once closed:

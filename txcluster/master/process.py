@@ -19,10 +19,11 @@ from twisted.logger import Logger
 from ..cpus import Pinning
 from ..settings import ROUND_ROBIN, STEERED_MODES, Settings
 from ..wire import (
-    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LISTEN_FD, WorkerEnvironment,
+    CONNECTIONS_FD, CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LEDGER_FD, LISTEN_FD,
+    WorkerEnvironment,
 )
 from .channel import ChildPipeTransport, MasterSide
-from .dispatch import ConnectionDispatcher, WorkerChannel
+from .dispatch import ConnectionDispatcher, LedgerDealer, WorkerChannel
 from .output import LineSplitter, OutputTail
 from .sockets import Listeners
 from .supervisor import ExitInfo, Worker
@@ -113,13 +114,17 @@ class WorkerSpawner:
         (not in round-robin mode, where the master accepts).
     @param pinning: with C{--cpu-affinity}, which CPU each worker runs on.
     @param dispatcher: deals connections to the workers' channels, and
-        takes back those a stopping worker hands back on its channel.
+        takes back those a worker hands on over its channel.
+    @param ledger: reuseport mode: the dealer that keeps the ledger of
+        loads each worker keeps its fair share by (L{txcluster.ledger}),
+        and gives each process its row.
     """
 
     def __init__(
         self, reactor: Any, settings: Settings, listeners: Listeners,
         pinning: Optional[Pinning] = None, environ: Mapping[str, str] = os.environ,
         dispatcher: Optional[ConnectionDispatcher] = None,
+        ledger: Optional[LedgerDealer] = None,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
@@ -127,6 +132,7 @@ class WorkerSpawner:
         self._pinning = pinning
         self._environ = environ
         self._dispatcher = dispatcher
+        self._ledger = ledger
 
     def __call__(self, worker: Worker, count: int) -> WorkerProcessProtocol:
         child_fds: Dict[int, Any] = {
@@ -134,22 +140,28 @@ class WorkerSpawner:
         }
         if self._settings.balance != ROUND_ROBIN:
             child_fds[LISTEN_FD] = self._listeners.fileno(worker.id)
+        row = 0
+        if self._ledger is not None:
+            child_fds[LEDGER_FD] = self._ledger.ledger.fileno()
+            row = self._ledger.allocate()
         # Every worker has a connection channel: connections come through it
         # in round-robin, and in every mode those the master accepts for it
         # or that another worker hands back.
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         child_fds[CONNECTIONS_FD] = theirs.fileno()
-        channel = WorkerChannel(ours, self._cpu_of(worker.id))
+        channel = WorkerChannel(ours, self._cpu_of(worker.id), worker.id, row)
         dispatcher = self._dispatcher
         protocol = WorkerProcessProtocol(
             worker, channel,
-            release_channel=dispatcher.unwatch if dispatcher else (lambda channel: None),
+            release_channel=dispatcher.release if dispatcher else (lambda channel: None),
             takes_back=dispatcher.takes_back if dispatcher else (lambda: False))
         try:
-            self._spawn(protocol, worker.id, count, child_fds)
+            self._spawn(protocol, worker.id, count, child_fds, row)
         except BaseException:
             channel.socket.close()
+            if dispatcher is not None:
+                dispatcher.release(channel)
             raise
         finally:
             theirs.close()  # the worker has its copy now
@@ -184,12 +196,15 @@ class WorkerSpawner:
         log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
 
     def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
-               child_fds: Dict[int, Any]) -> None:
+               child_fds: Dict[int, Any], row: int = 0) -> None:
+        environment = self.environment(worker_id, count)
+        if row:
+            environment = attr.evolve(environment, ledger_row=row)
         self._reactor.spawnProcess(
             protocol,
             sys.executable,
             [sys.executable, "-m", "txcluster.worker"],
-            env=self.environment(worker_id, count).to_environ(self._environ),
+            env=environment.to_environ(self._environ),
             # `python -m` puts this directory first on sys.path, so --app
             # imports the way it would for the user who started twistd.
             path=os.getcwd(),

@@ -27,7 +27,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from ..cpus import SO_INCOMING_CPU
+from ..cpus import SO_INCOMING_CPU, kernel_steers_by_cpu
 from ..settings import REUSEPORT_ENDPOINTS, endpoint_kind
 from .sockets import NeverAccepts, StartupError, bind, close_our_copy, set_backlog
 
@@ -98,16 +98,6 @@ def _refuse_if_taken(interface: str, port: int) -> None:
             probe.bind((interface, port))
         except OSError as e:
             raise CannotListenError(interface, port, e) from None
-
-
-def kernel_steers_by_cpu(release: str = platform.release()) -> bool:
-    """Does this kernel hand a connection to the C{SO_REUSEPORT} socket
-    marked with the CPU that received it?  (Linux 6.2 and later.)"""
-    try:
-        version = tuple(int(part) for part in release.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return platform.system() == "Linux" and version >= (6, 2)
 
 
 class ReusePortGroup:

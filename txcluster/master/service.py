@@ -24,9 +24,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..cpus import Pinning, usable_cpus
+from ..ledger import Ledger
 from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
-from .dispatch import ConnectionDispatcher, StandIns
+from .dispatch import ConnectionDispatcher, LedgerDealer, StandIns
 from .process import WorkerSpawner
 from .recycling import MemoryWatch
 from .sockets import Listeners, SharedSocket, bind, describe, listen
@@ -140,7 +141,7 @@ class SignalledService(MultiService):
         # reactor has installed its own, which replace them.
         self._install_signal_handlers()
         self.reactor.callWhenRunning(self._install_signal_handlers)
-        for note in self.notes:
+        for note in [*self.settings.notes, *self.notes]:
             log.info("{note}", note=note)
         for warning in self.settings.warnings:
             log.warn("{warning}", warning=warning)
@@ -506,12 +507,18 @@ def build_master(reactor: Any, settings: Settings,
     """
     pinning = Pinning(usable_cpus()) if settings.cpu_affinity else None
     listeners = bind_listeners(reactor, settings, pinning)
+    # With reuseport, workers accept themselves and keep a fair share by a
+    # tally they share with the master's dealer.
+    ledger = LedgerDealer(Ledger.create()) if settings.balance == REUSEPORT else None
     # Its dealer deals every connection the master passes on: those it
     # accepts (round-robin, or with its stand-ins a reuseport socket no
-    # worker accepts on) and those a stopping worker hands back (every mode).
+    # worker accepts on), those a worker hands on (reuseport: more than its
+    # share) and those a stopping worker hands back (every mode).
     dispatcher = ConnectionDispatcher(
-        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None)
-    spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher)
+        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None,
+        ledger)
+    spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher,
+                            ledger)
     stand_ins = StandIns(reactor, dispatcher) if settings.balance == REUSEPORT else None
     master = MasterService(reactor, settings, listeners, spawner, dispatcher,
                            stand_ins=stand_ins)

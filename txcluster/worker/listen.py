@@ -5,12 +5,15 @@ How a worker gets its connections, in each C{--balance} mode:
   (L{txcluster.worker.receive.ConnectionReceiver});
 - C{kernel}: it adopts the one listening socket every worker shares, and
   takes one connection per wakeup (L{accept_one_per_wakeup});
-- C{reuseport}: it adopts a socket of its own, bound by the master.
+- C{reuseport} (and C{auto}): it accepts on a socket of its own, bound
+  by the master, and keeps its fair share
+  (L{txcluster.worker.accept.FairShareAcceptor}).
 
 In the last two it also adopts what comes over its connection channel:
 connections the master accepted for it (reuseport, on the socket of a
-worker that is not there) and those another worker handed back when it
-stopped (L{PortAndChannel}).
+worker that is not there) or dealt to it (another worker's more than fair
+share, or the idle connections of a worker that stopped)
+(L{PortAndChannel}).
 
 Either way an C{ssl:} endpoint's TLS is terminated here, in the worker, and
 an C{haproxy:} endpoint's PROXY header is read here (L{wrapped}).
@@ -19,27 +22,36 @@ an C{haproxy:} endpoint's PROXY header is read here (L{wrapped}).
 from __future__ import annotations
 
 import os
-from typing import Any, List
+from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from ..settings import KERNEL, ROUND_ROBIN, Settings
+from ..ledger import LedgerSlot
+from ..settings import KERNEL, REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import CONNECTIONS_FD, LISTEN_FD
+from .accept import FairShareAcceptor
 from .receive import ConnectionReceiver, address_family
 
 
-def listen(reactor: Any, settings: Settings, factory: IProtocolFactory) -> IListeningPort:
-    """Serve C{factory} on what the master passed this worker process."""
+def listen(reactor: Any, settings: Settings, factory: IProtocolFactory,
+           slot: Optional[LedgerSlot] = None) -> IListeningPort:
+    """Serve C{factory} on what the master passed this worker process
+    (with reuseport, keeping the fair share C{slot} tells)."""
     serving = wrapped(reactor, factory, settings.listen)
-    receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, serving)
+    receiver = ConnectionReceiver(reactor, CONNECTIONS_FD, serving,
+                                  on_received=slot.add_received if slot else lambda n: None)
     receiver.startListening()
     if settings.balance == ROUND_ROBIN:
         return receiver
+    if settings.balance == REUSEPORT and slot is not None:  # else it adopts the port
+        acceptor = FairShareAcceptor(reactor, LISTEN_FD, serving, slot,
+                                     hand_on=receiver.hand_on)
+        acceptor.startListening()
+        return PortAndChannel(acceptor, receiver)
     try:
-        # A socket of its own (reuseport) has no other worker to share a burst with.
         port = adopt(reactor, LISTEN_FD, serving, accept_one=settings.balance == KERNEL)
     except BaseException:
         receiver.stopListening()

@@ -10,6 +10,7 @@ so a unit test drives it on a L{MemoryReactorClock}; L{main} runs it for real.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -22,7 +23,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..app import Cluster, WorkerInfo, load_app
-from ..wire import CONTROL_FROM_WORKER, CONTROL_TO_WORKER, ExitStatus, WorkerEnvironment, heartbeat_interval
+from ..ledger import Ledger, LedgerSlot
+from ..wire import (
+    CONTROL_FROM_WORKER, CONTROL_TO_WORKER, LEDGER_FD, ExitStatus, WorkerEnvironment,
+    heartbeat_interval,
+)
 from .control import WorkerSide
 from .listen import listen
 from .locality import Locality
@@ -57,6 +62,7 @@ class WorkerProcess:
         locality: Optional[Locality] = None,
         parent_pid: Callable[[], int] = os.getppid,
         exit_now: Callable[[int], None] = os._exit,
+        on_connections: Callable[[int], None] = lambda open: None,
     ) -> None:
         self.reactor = reactor
         self.environment = environment
@@ -79,6 +85,7 @@ class WorkerProcess:
             locality=locality,
             on_failed=lambda status, summary, failure: self.control.report_failure(
                 status, summary, traceback_text(failure)),
+            on_connections=on_connections,
         )
         self.heartbeat = LoopingCall(self.beat)
         self.heartbeat.clock = reactor
@@ -209,6 +216,12 @@ def main() -> None:
     _die_with_parent()
     start_worker_logging(sys.stdout)
     environment = WorkerEnvironment.from_environ(os.environ)
+    slot = None
+    if environment.ledger_row is not None:
+        # This worker's load, which it shares with the master and the others.
+        slot = LedgerSlot(Ledger(LEDGER_FD), environment.ledger_row)
     worker = WorkerProcess(reactor, environment,
-                           locality=Locality.of_worker(environment))
+                           listen=functools.partial(listen, slot=slot),
+                           locality=Locality.of_worker(environment),
+                           on_connections=slot.set_open if slot else lambda open: None)
     sys.exit(worker.run())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
@@ -41,8 +41,15 @@ class ConnectionReceiver:
     master already sent, then stops.
     """
 
-    def __init__(self, reactor: Any, channel_fd: int, factory: IProtocolFactory) -> None:
+    def __init__(self, reactor: Any, channel_fd: int, factory: IProtocolFactory,
+                 on_received: Callable[[int], None] = lambda n: None) -> None:
+        """
+        @param on_received: told how many connections came in each message,
+            before any is read from (reuseport: the master keeps a copy of
+            each until then, L{txcluster.ledger})
+        """
         self._reactor = reactor
+        self._on_received = on_received
         self._channel = socket.socket(fileno=channel_fd)
         self._channel.setblocking(False)
         self._factory = factory
@@ -76,8 +83,13 @@ class ConnectionReceiver:
     def hand_back(self, fd: int) -> bool:
         """Send the connection C{fd} back to the master, which deals it to
         another worker; False if it cannot take it."""
+        return self.hand_on([fd])
+
+    def hand_on(self, fds: Sequence[int]) -> bool:
+        """Send the connections C{fds} to the master in one message, for it
+        to deal; False if it cannot take them.  The caller closes its copies."""
         try:
-            send_connections(self._channel, [fd])
+            send_connections(self._channel, fds)
         except OSError:
             return False
         return True
@@ -98,6 +110,8 @@ class ConnectionReceiver:
                 log.error("connections lost: the message from the master was truncated "
                           "(this worker is out of file descriptors, or more than {n} "
                           "came at once)", n=ACCEPT_BATCH)
+            if received.fds:
+                self._on_received(len(received.fds))
             for fd in received.fds:
                 self._adopt(fd)
             if received.closed:  # the master closed its end: it is gone

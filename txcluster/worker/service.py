@@ -59,11 +59,13 @@ class WorkerService(Service):
         load: Callable[[str], Cluster] = load_app,
         locality: Optional[Locality] = None,
         on_failed: OnFailed = log_failure,
+        on_connections: Callable[[int], None] = lambda open: None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.info = info
         self.locality = locality
+        self._on_connections = on_connections
         self._listen = listen
         self._on_ready = on_ready
         self._on_failed = on_failed
@@ -129,7 +131,8 @@ class WorkerService(Service):
                                 trusted_proxies=TrustedProxies.parse(
                                     self.settings.forwarded_allow_ips),
                                 http2=endpoint_kind(self.settings.listen) == "ssl"
-                                and http2_available())
+                                and http2_available(),
+                                on_connections=self._on_connections)
         self.port = self._listen(self.site)
 
     async def _connect_redis(self, url: str) -> Any:

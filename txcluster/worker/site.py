@@ -284,6 +284,7 @@ class ClusterSite(Site):
         limits: EdgeLimits = EdgeLimits(),
         trusted_proxies: TrustedProxies = TrustedProxies.parse("127.0.0.1"),
         max_connections: Optional[int] = None, http2: bool = False,
+        on_connections: Callable[[int], None] = lambda open: None,
     ) -> None:
         # Twisted's idle timer (reset by every byte) ends a body that stops
         # coming; the edge's own timers end the rest, and come first.
@@ -312,6 +313,9 @@ class ClusterSite(Site):
         self.hand_back: Optional[HandBack] = None
         self.handed_back = 0
         self.stats = RequestStats() if stats is None else stats
+        #: told how many connections are open, whenever that changes
+        #: (reuseport: the worker's load in L{txcluster.ledger})
+        self._on_connections = on_connections
 
     def getResourceFor(self, request: Any) -> IResource:
         if self.health_path and request.path == self.health_path:
@@ -323,6 +327,7 @@ class ClusterSite(Site):
             self._make_room()
         channel = super().buildProtocol(addr)
         self.channels[channel] = None
+        self._on_connections(len(self.channels))
         if self.http2:
             return NegotiatingChannel(channel, self)
         return channel
@@ -350,6 +355,7 @@ class ClusterSite(Site):
 
     def channel_closed(self, channel: DrainableChannel) -> None:
         self.channels.pop(channel, None)
+        self._on_connections(len(self.channels))
         if self._drained is not None and not self.channels:
             drained, self._drained = self._drained, None
             drained.callback(None)

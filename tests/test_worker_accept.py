@@ -1,0 +1,117 @@
+"""
+A worker's own socket in reuseport mode (L{FairShareAcceptor}): real
+connections waiting on a real listening socket, the reactor a
+L{MemoryReactorClock}, and the ledger a real one.
+"""
+
+import os
+import socket
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from txcluster.ledger import RATE_WINDOW, Ledger, LedgerSlot, Load
+from txcluster.worker.accept import FairShareAcceptor
+
+
+class AcceptorTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.ledger = Ledger.create()
+        self.addCleanup(os.close, self.ledger.fileno())
+        self.addCleanup(self.ledger.close)
+        self.ledger.set_serving([1, 2])
+        self.handed = []
+        self.master_takes = True
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)
+        self.address = listening.getsockname()
+        self.factory = Factory.forProtocol(Protocol)
+        self.acceptor = FairShareAcceptor(self.reactor, listening.detach(), self.factory,
+                                          LedgerSlot(self.ledger, 1), hand_on=self.hand_on)
+        self.acceptor.startListening()
+        self.addCleanup(self.acceptor.stopListening)
+
+    def hand_on(self, fds):
+        if not self.master_takes:
+            return False
+        # The master deals them to worker 2, which takes them.
+        self.ledger.add_dealt(2, len(fds))
+        self.ledger.add_received(2, len(fds))
+        self.handed.extend(os.dup(fd) for fd in fds)  # the acceptor closes its copies
+        for fd in self.handed[-len(fds):]:
+            self.addCleanup(os.close, fd)
+        return True
+
+    def connect(self, n):
+        for _ in range(n):
+            client = socket.create_connection(self.address, timeout=5)
+            self.addCleanup(client.close)
+
+    def test_listens(self):
+        self.assertIn(self.acceptor, self.reactor.getReaders())
+        self.assertEqual(self.acceptor.getHost(), self.address)
+
+    def test_idle_keeps_one_in_two(self):
+        """One client at a time: exactly round-robin: worker 1 keeps one
+        connection in two and hands the other to the master, and the
+        ledger counts what it kept."""
+        for _ in range(6):
+            self.connect(1)
+            self.acceptor.doRead()
+        self.assertEqual(len(self.reactor.adoptedStreamConnections), 3)
+        self.assertEqual(len(self.handed), 3)
+        self.assertEqual(self.ledger.load(1).served, 3)
+        family = self.reactor.adoptedStreamConnections[0][1]
+        self.assertEqual(family, socket.AF_INET)
+
+    def test_under_load_keeps_what_the_kernel_gave(self):
+        """Many connections open and a busy last window: the slack is
+        large, and a worker a little ahead keeps every new connection."""
+        self.ledger.set_open(1, 12)
+        self.ledger.set_open(2, 10)
+        self.ledger.add_kept(2, 1000)
+        self.connect(40)
+        self.acceptor.doRead()  # 40 in this window (half handed on)...
+        self.reactor.advance(RATE_WINDOW)
+        self.assertEqual(self.acceptor.accepted_last_window(), 40)
+        self.handed.clear()
+        self.connect(8)
+        self.acceptor.doRead()  # ...so a slack of 10 in the next
+        self.assertEqual(self.handed, [])
+
+    def test_the_window_empties_when_quiet(self):
+        self.connect(4)
+        self.acceptor.doRead()
+        self.reactor.advance(RATE_WINDOW * 3)
+        self.assertEqual(self.acceptor.accepted_last_window(), 0)
+
+    def test_busier_worker_hands_on(self):
+        """Worker 1 has far more open and served than worker 2: every new
+        connection goes on to the master."""
+        self.ledger.set_open(1, 30)
+        self.ledger.add_kept(1, 1000)
+        self.connect(3)
+        self.acceptor.doRead()
+        self.assertEqual(len(self.handed), 3)
+        self.assertEqual(self.reactor.adoptedStreamConnections, [])
+        self.assertEqual(self.ledger.load(1), Load(30, 1000))
+
+    def test_kept_when_the_master_cannot_take_them(self):
+        """A full or closed channel to the master: better served here than
+        not at all."""
+        self.master_takes = False
+        self.ledger.add_kept(1, 1000)
+        self.connect(2)
+        self.acceptor.doRead()
+        self.assertEqual(len(self.reactor.adoptedStreamConnections), 2)
+        self.assertEqual(self.ledger.load(1).served, 1002)
+
+    def test_stop_closes_our_copy(self):
+        fd = self.acceptor.fileno()
+        self.acceptor.stopListening()
+        self.assertNotIn(self.acceptor, self.reactor.getReaders())
+        self.assertRaises(OSError, os.fstat, fd)
+        self.acceptor.stopListening()  # again: nothing
