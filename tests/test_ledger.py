@@ -133,6 +133,13 @@ class LedgerTests(unittest.TestCase):
         self.assertEqual(self.worker.load(1), Load(3, 3))
         self.assertEqual(self.master.received(1), 2)
 
+    def test_steering_flag(self):
+        self.assertFalse(self.worker.steering())
+        self.master.set_steering(True)
+        self.assertTrue(LedgerSlot(self.worker, 1).steering())
+        self.master.set_steering(False)
+        self.assertFalse(self.worker.steering())
+
     def test_lift_counts_as_served(self):
         self.master.lift(2, 40)
         self.assertEqual(self.worker.load(2), Load(0, 40))

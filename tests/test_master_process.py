@@ -298,6 +298,9 @@ class RecordingDispatcher:
     def unwatch(self, channel):
         self.unwatched.append(channel)
 
+    def release(self, channel):
+        self.unwatch(channel)
+
     def takes_back(self):
         return True
 

@@ -164,6 +164,20 @@ class ReusePortGroupTests(unittest.TestCase):
         self.assertEqual(group.fileno(3), fd)
         self.assertEqual(option(fd, SO_INCOMING_CPU), 1)
 
+    def test_steering_off_clears_the_marks_and_on_restores_them(self):
+        """(The steering guard's switch.)  A socket bound meanwhile is not
+        marked until steering is back."""
+        group = self.group(count=2, cpu_of=lambda worker_id: 10 + worker_id, kernel_steers=True)
+        group.steer(False)
+        self.assertEqual([option(group.fileno(i), SO_INCOMING_CPU) for i in (1, 2, 3)],
+                         [-1, -1, -1])
+        group.steer(True)
+        self.assertEqual([option(group.fileno(i), SO_INCOMING_CPU) for i in (1, 2, 3)],
+                         [11, 12, 13])
+        unsteered = self.group(count=1, cpu_of=lambda worker_id: 0, kernel_steers=False)
+        unsteered.steer(True)
+        self.assertEqual(option(unsteered.fileno(1), SO_INCOMING_CPU), -1)
+
     def test_no_marks_where_the_kernel_would_not_steer(self):
         # Workers would send back clients that moved, and the kernel would
         # hash the new connections anywhere: churn for nothing.

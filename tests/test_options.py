@@ -102,7 +102,7 @@ class CommandLineErrorTests(unittest.TestCase):
         reuseport, each worker pinned to a CPU, and the log says so."""
         for argv, environ in (([], {}), (["--balance", "auto"], {}),
                               ([], {"TXCLUSTER_BALANCE": "auto"})):
-            settings = parse_steering(argv, environ, steers=True, cpus=4)
+            settings = parse_steering(argv, environ, steers=True, cpus=3)
             self.assertEqual((settings.balance, settings.cpu_affinity), ("reuseport", True))
             self.assertEqual(settings.notes,
                              ("balance auto: reuseport, with each worker pinned to a CPU",))
@@ -121,8 +121,8 @@ class CommandLineErrorTests(unittest.TestCase):
                          "reuseport")
 
     def test_balance_auto_pins_only_what_it_can_spread(self):
-        """One worker, or one CPU: reuseport without pinning."""
-        for argv, cpus in ((["-w", "1"], 4), (["-w", "3"], 1)):
+        """Fewer workers than CPUs, or one CPU: reuseport without pinning."""
+        for argv, cpus in ((["-w", "1"], 4), (["-w", "3"], 1), (["-w", "3"], 4)):
             settings = parse_steering(argv, steers=True, cpus=cpus)
             self.assertEqual((settings.balance, settings.cpu_affinity), ("reuseport", False))
         settings = parse_steering(["-w", "1", "--cpu-affinity"], steers=True, cpus=4)

@@ -31,6 +31,17 @@ class LocalityTests(unittest.TestCase):
         self.assertTrue(self.locality.should_reconnect(FakeClientSocket(0), self.enough))
         self.assertTrue(self.locality.should_reconnect(FakeClientSocket(2), self.enough + 7))
 
+    def test_not_while_the_kernel_spreads_by_hash(self):
+        """The master's steering guard turned steering off: a client sent
+        back would just be hashed again."""
+        steered = [True]
+        locality = Locality(home=1, cpus=(0, 1, 2), workers=3, steered=lambda: steered[0])
+        self.assertTrue(locality.should_reconnect(FakeClientSocket(0), self.enough))
+        steered[0] = False
+        self.assertFalse(locality.should_reconnect(FakeClientSocket(0), self.enough))
+        self.assertFalse(locality.with_workers(2).should_reconnect(FakeClientSocket(0),
+                                                                   self.enough))
+
     def test_not_before_enough_requests(self):
         self.assertFalse(self.locality.should_reconnect(FakeClientSocket(0), self.enough - 1))
 

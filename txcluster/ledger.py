@@ -106,17 +106,18 @@ def share(loads: Dict[int, Load], me: int, n: int, slack: int) -> List[bool]:
     return kept
 
 
-# Layout: int64 words.  Word 0: the highest row that serves.  Then, per
+# Layout: int64 words.  Word 0: the highest row that serves; word 1: 1
+# while the kernel steers connections by CPU (master-written).  Then, per
 # row from 1: serving (0 or 1), open, kept, received (worker-written),
 # dealt, lifted (master-written).
-_HIGHEST = 0
+_HIGHEST, _STEERING, _HEADER = 0, 1, 2
 _SERVING, _OPEN, _KEPT, _RECEIVED, _DEALT, _LIFTED = range(6)
 _WORDS_PER_ROW = 6
-_SIZE = (1 + _WORDS_PER_ROW * MAX_ROWS) * 8
+_SIZE = (_HEADER + _WORDS_PER_ROW * MAX_ROWS) * 8
 
 
 def _base(row: int) -> int:
-    return 1 + _WORDS_PER_ROW * (row - 1)
+    return _HEADER + _WORDS_PER_ROW * (row - 1)
 
 
 class Ledger:
@@ -160,6 +161,14 @@ class Ledger:
         return {row: self.load(row) for row in range(1, words[_HIGHEST] + 1)
                 if words[_base(row) + _SERVING]}
 
+    def kept(self, row: int) -> int:
+        return self._words[_base(row) + _KEPT]
+
+    def steering(self) -> bool:
+        """Does the kernel steer connections by CPU now (the master's
+        L{txcluster.master.steering.SteeringGuard} says)?"""
+        return bool(self._words[_STEERING])
+
     def received(self, row: int) -> int:
         """How many connections the master sent it the process of C{row} has taken."""
         return self._words[_base(row) + _RECEIVED]
@@ -193,6 +202,9 @@ class Ledger:
         """Count C{n} more connections as served by C{row} (see
         L{txcluster.master.dispatch.LedgerDealer.keep_only})."""
         self._words[_base(row) + _LIFTED] += n
+
+    def set_steering(self, on: bool) -> None:
+        self._words[_STEERING] = int(on)
 
     def set_serving(self, rows: Iterable[int]) -> None:
         """From now on these rows, and no other, serve."""
@@ -232,3 +244,6 @@ class LedgerSlot:
 
     def loads(self) -> Dict[int, Load]:
         return self.ledger.loads() if self._counted else {}
+
+    def steering(self) -> bool:
+        return self.ledger.steering()

@@ -42,11 +42,12 @@ def usable_cpu_count() -> int:
 
 def choose_balance(settings: Settings, kernel_steers: bool, cpus: int) -> Settings:
     """
-    Resolve C{--balance auto}: C{reuseport}, with each worker pinned to a
-    CPU (C{--cpu-affinity}) when there are two workers and two CPUs or
-    more, where the kernel hands each connection to the worker on the CPU
-    that received it (Linux 6.2 and later) and C{--listen} is TCP; else
-    C{round-robin}.  (README.rst, "Balancing", says why.)
+    Resolve C{--balance auto}: C{reuseport} where the kernel hands each
+    connection to the worker on the CPU that received it (Linux 6.2 and
+    later) and C{--listen} is TCP, with each worker pinned to a CPU
+    (C{--cpu-affinity}) when the workers take every CPU there is (two or
+    more; fewer workers would crowd the first CPUs, beside other
+    services); else C{round-robin}.  (README.rst, "Balancing", says why.)
     """
     if settings.balance != AUTO or settings.single:
         return settings
@@ -56,8 +57,9 @@ def choose_balance(settings: Settings, kernel_steers: bool, cpus: int) -> Settin
                if kernel_steers is False else f"--listen is not TCP ({kind}:)")
         return attr.evolve(settings, balance=ROUND_ROBIN, notes=settings.notes + (
             f"balance auto: round-robin, since {why}",))
-    pinned = settings.cpu_affinity or (settings.workers >= 2 and cpus >= 2)
-    how = "with each worker pinned to a CPU" if pinned else "without pinning (one CPU or worker)"
+    pinned = settings.cpu_affinity or settings.workers >= cpus >= 2
+    how = ("with each worker pinned to a CPU" if pinned else
+           "without pinning (fewer workers than CPUs, or one CPU)")
     return attr.evolve(settings, balance=REUSEPORT, cpu_affinity=pinned, notes=settings.notes + (
         f"balance auto: reuseport, {how}",))
 

@@ -279,6 +279,11 @@ class LedgerDealer(Dealer):
     def waiting(self) -> bool:
         return any(self._unconfirmed.values())
 
+    def kept(self) -> int:
+        """How many connections the serving workers kept of those they
+        accepted themselves."""
+        return sum(self.ledger.kept(row) for row in self.ledger.loads())
+
     def sweep(self) -> None:
         for target in list(self._unconfirmed):
             self._sweep(target)

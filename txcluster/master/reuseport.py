@@ -136,6 +136,8 @@ class ReusePortGroup:
         self._left: List[tcp.Port] = []
         #: whether marked sockets get the connections of their CPU
         self.steering = cpu_of is not None and kernel_steers
+        #: whether the sockets are marked now (L{steer})
+        self.steered = True
         if cpu_of is not None and not kernel_steers:
             log.warn("--cpu-affinity: this kernel ({release}) does not hand connections to "
                      "the worker of the CPU that received them (Linux 6.2 does); workers "
@@ -193,6 +195,16 @@ class ReusePortGroup:
         log.info("the socket of worker {id} stays in the group: the master accepts "
                  "its share of connections until a worker is added", id=worker_id)
 
+    def steer(self, on: bool) -> None:
+        """Mark every worker's socket with its CPU again (C{on}), or clear
+        the marks, so that the kernel spreads connections by hash
+        (L{txcluster.master.steering.SteeringGuard})."""
+        if not self.steering or self.steered == on:
+            return
+        self.steered = on
+        for worker_id, port in self._ports.items():
+            self._mark(worker_id, port)
+
     def unserved(self, serving: Collection[int]) -> List[int]:
         return ([port.fileno() for worker_id, port in sorted(self._ports.items())
                  if worker_id not in serving]
@@ -213,10 +225,14 @@ class ReusePortGroup:
         if self._backlog is not None:
             set_backlog(port, self._backlog)
         if self.steering:
-            try:
-                port.socket.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU,
-                                       self._cpu_of(worker_id))  # type: ignore[misc]
-            except OSError as e:
-                self.steering = False
-                log.warn("--cpu-affinity: cannot mark listening sockets with their CPU "
-                         "({error}); connections spread by hash", error=e)
+            self._mark(worker_id, port)
+
+    def _mark(self, worker_id: int, port: tcp.Port) -> None:
+        """Mark C{port} with its worker's CPU while steering, else clear it."""
+        cpu = self._cpu_of(worker_id) if self.steered else -1  # type: ignore[misc]
+        try:
+            port.socket.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, cpu)
+        except OSError as e:
+            self.steering = False
+            log.warn("--cpu-affinity: cannot mark listening sockets with their CPU "
+                     "({error}); connections spread by hash", error=e)

@@ -30,6 +30,7 @@ from ..wire import ExitStatus
 from .dispatch import ConnectionDispatcher, LedgerDealer, StandIns
 from .process import WorkerSpawner
 from .recycling import MemoryWatch
+from .steering import SteeringGuard
 from .sockets import Listeners, SharedSocket, bind, describe, listen
 from .supervisor import RecyclePolicy, RestartPolicy, Supervisor, Worker, WorkerDied
 from .systemd import Systemd
@@ -481,6 +482,21 @@ def bind_listeners(reactor: Any, settings: Settings,
     return SharedSocket(bind(reactor, settings.listen, settings.backlog))
 
 
+def steering_guard(reactor: Any, ledger: LedgerDealer, group: Any,
+                   dispatcher: ConnectionDispatcher) -> SteeringGuard:
+    """Steer connections by CPU (the sockets of C{group} are marked, and
+    the workers told through the ledger) while the workers hand on little
+    of what the kernel gives them (L{SteeringGuard})."""
+
+    def steer(on: bool) -> None:
+        group.steer(on)
+        ledger.ledger.set_steering(on)
+
+    steer(True)
+    return SteeringGuard(reactor, kept=ledger.kept, handed_on=lambda: dispatcher.handed_back,
+                         steer=steer)
+
+
 class ListeningService(Service):
     """A port opened at once (so that an address in use is a startup
     error), and closed when the master stops: C{--metrics}, C{--control}."""
@@ -522,6 +538,8 @@ def build_master(reactor: Any, settings: Settings,
     stand_ins = StandIns(reactor, dispatcher) if settings.balance == REUSEPORT else None
     master = MasterService(reactor, settings, listeners, spawner, dispatcher,
                            stand_ins=stand_ins)
+    if ledger is not None and getattr(listeners, "steering", False):
+        steering_guard(reactor, ledger, listeners, dispatcher).setServiceParent(master)
     if settings.metrics:
         from .metrics import ClusterMetrics, metrics_site
 

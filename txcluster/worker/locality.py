@@ -41,6 +41,10 @@ class Locality:
     home: int
     cpus: Tuple[int, ...]
     workers: int
+    #: does the kernel steer new connections by CPU now?  (Not while the
+    #: master's steering guard has it spread them by hash: then a client
+    #: that reconnects would just be hashed again.)
+    steered: Callable[[], bool] = attr.ib(default=lambda: True, eq=False, repr=False)
     served: FrozenSet[int] = attr.ib(init=False)
 
     @served.default
@@ -54,7 +58,7 @@ class Locality:
     def should_reconnect(self, client: Any, requests: int) -> bool:
         """Should the connection C{client} (a socket), which has had
         C{requests} requests, be closed after this one?"""
-        if requests < RECONNECT_AFTER_REQUESTS:
+        if requests < RECONNECT_AFTER_REQUESTS or not self.steered():
             return False
         cpu = incoming_cpu(client)
         return cpu is not None and cpu != self.home and cpu in self.served
@@ -63,6 +67,7 @@ class Locality:
     def of_worker(
         cls, environment: WorkerEnvironment,
         affinity: Callable[[], Sequence[int]] = usable_cpus,
+        steered: Callable[[], bool] = lambda: True,
     ) -> Optional["Locality"]:
         """The worker's locality, or C{None} if the master did not ask for
         one, or if this process is not pinned to its home CPU after all
@@ -70,4 +75,4 @@ class Locality:
         home = environment.home_cpu
         if home is None or not environment.cpus or list(affinity()) != [home]:
             return None
-        return cls(home, environment.cpus, environment.count)
+        return cls(home, environment.cpus, environment.count, steered)

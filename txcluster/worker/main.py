@@ -222,6 +222,7 @@ def main() -> None:
         slot = LedgerSlot(Ledger(LEDGER_FD), environment.ledger_row)
     worker = WorkerProcess(reactor, environment,
                            listen=functools.partial(listen, slot=slot),
-                           locality=Locality.of_worker(environment),
+                           locality=Locality.of_worker(
+                               environment, steered=slot.steering if slot else lambda: True),
                            on_connections=slot.set_open if slot else lambda open: None)
     sys.exit(worker.run())

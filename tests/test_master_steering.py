@@ -1,0 +1,81 @@
+"""
+The steering guard: steer connections by CPU while the workers hand on
+little of what the kernel gives them; else spread them by hash for a while,
+and try again later.  Driven by a Clock; the counts are the test's.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from txcluster.master.steering import (
+    CHECK_SECONDS, FIRST_HOLD_SECONDS, LAST_HOLD_SECONDS, SteeringGuard,
+)
+
+
+class GuardTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.kept = 0
+        self.handed_on = 0
+        self.steered = []
+        self.guard = SteeringGuard(self.clock, kept=lambda: self.kept,
+                                   handed_on=lambda: self.handed_on,
+                                   steer=self.steered.append)
+        self.guard.startService()
+        self.addCleanup(self.guard.stopService)
+
+    def second(self, kept, handed_on):
+        """One check's worth of new connections."""
+        self.kept += kept
+        self.handed_on += handed_on
+        self.clock.advance(CHECK_SECONDS)
+
+    def test_spread_clients_keep_it_on(self):
+        for _ in range(5):
+            self.second(kept=970, handed_on=30)
+        self.assertEqual(self.steered, [])
+        self.assertTrue(self.guard.steering)
+
+    def test_clients_on_one_cpu_turn_it_off_for_a_while(self):
+        self.second(kept=600, handed_on=400)
+        self.assertEqual(self.steered, [False])
+        self.second(kept=500, handed_on=500)  # meanwhile nothing is judged
+        self.assertEqual(self.steered, [False])
+        self.clock.advance(FIRST_HOLD_SECONDS)
+        self.assertEqual(self.steered, [False, True])
+
+    def test_each_failed_try_doubles_the_wait(self):
+        holds = []
+        for _ in range(8):
+            self.second(kept=500, handed_on=500)
+            holds.append(self.guard.hold)
+            self.clock.advance(self.guard.hold)
+        self.assertEqual(holds[:3], [FIRST_HOLD_SECONDS * 2, FIRST_HOLD_SECONDS * 4,
+                                     FIRST_HOLD_SECONDS * 8])
+        self.assertEqual(holds[-1], LAST_HOLD_SECONDS)
+
+    def test_a_try_that_pays_starts_afresh(self):
+        self.second(kept=500, handed_on=500)
+        self.clock.advance(FIRST_HOLD_SECONDS)
+        self.second(kept=990, handed_on=10)
+        self.assertEqual(self.guard.hold, FIRST_HOLD_SECONDS)
+        self.assertTrue(self.guard.steering)
+
+    def test_a_quiet_second_says_nothing(self):
+        """A person, a test, keep-alive clients: too few new connections
+        to judge, however many were handed on."""
+        self.second(kept=10, handed_on=80)
+        self.assertEqual(self.steered, [])
+
+    def test_a_replaced_worker_skips_a_check(self):
+        """A worker process replaced takes its count with it: the total
+        kept may go down, and that check is skipped."""
+        self.second(kept=5000, handed_on=0)
+        self.kept -= 4000
+        self.second(kept=0, handed_on=600)
+        self.assertEqual(self.steered, [])
+
+    def test_stop_cancels_the_try(self):
+        self.second(kept=500, handed_on=500)
+        self.guard.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
