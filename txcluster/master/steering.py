@@ -10,15 +10,18 @@ from CPU to CPU; a network card with one receive queue), one worker gets
 most new connections, and the workers hand a large part of them on
 through the master: hashing would spread them at no cost.  So every
 L{CHECK_SECONDS} the guard looks at the share of new connections the
-workers handed on; above L{HANDED_ON_LIMIT} it stops steering (the
-sockets' CPU marks are cleared, and workers stop sending clients that
-moved back to their CPU) for a while, then tries again; each try that
-fails doubles the wait, from L{FIRST_HOLD_SECONDS} up to L{LAST_HOLD_SECONDS}.
+workers handed on; above L{HANDED_ON_LIMIT} in two checks in a row, it
+stops steering (the sockets' CPU marks are cleared, and workers stop
+sending clients that moved back to their CPU) for a while, and tries
+again at the first busy check after that; each try that fails doubles
+the wait, from L{FIRST_HOLD_SECONDS} up to L{LAST_HOLD_SECONDS}.  A quiet
+second (fewer than L{ENOUGH_CONNECTIONS} new connections) decides
+nothing, so an idle cluster logs nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -50,7 +53,10 @@ class SteeringGuard(Service):
         self._steer = steer
         self.steering = True
         self.hold = FIRST_HOLD_SECONDS
-        self._resume: Optional[Any] = None
+        #: when steering may be tried again (while it is off)
+        self._try_at = 0.0
+        #: busy checks in a row that handed on too much
+        self._high = 0
         self._last = (kept(), handed_on())
         self._check = LoopingCall(self.check)
         self._check.clock = clock
@@ -64,33 +70,34 @@ class SteeringGuard(Service):
         super().stopService()
         if self._check.running:
             self._check.stop()
-        if self._resume is not None and self._resume.active():
-            self._resume.cancel()
 
     def check(self) -> None:
         kept, handed_on = self._kept(), self._handed_on()
         new_kept, new_handed = kept - self._last[0], handed_on - self._last[1]
         self._last = (kept, handed_on)
-        if not self.steering or new_kept < 0:
-            return
         total = new_kept + new_handed
-        if total < ENOUGH_CONNECTIONS:
+        if new_kept < 0 or total < ENOUGH_CONNECTIONS:  # a worker replaced, or quiet
+            self._high = 0
+            return
+        if not self.steering:
+            if self._clock.seconds() >= self._try_at:
+                log.info("steering connections by CPU again")
+                self.steering = True
+                self._steer(True)
             return
         share = new_handed / total
         if share <= HANDED_ON_LIMIT:
+            self._high = 0
             self.hold = FIRST_HOLD_SECONDS  # it pays: the next failure starts afresh
+            return
+        self._high += 1
+        if self._high < 2:
             return
         log.info("the workers handed on {share:.0%} of new connections: clients are not "
                  "spread over the CPUs; spreading connections by hash for {hold:.0f} s",
                  share=share, hold=self.hold)
         self.steering = False
+        self._high = 0
         self._steer(False)
-        self._resume = self._clock.callLater(self.hold, self._try_again)
+        self._try_at = self._clock.seconds() + self.hold
         self.hold = min(LAST_HOLD_SECONDS, self.hold * 2)
-
-    def _try_again(self) -> None:
-        self._resume = None
-        log.info("steering connections by CPU again")
-        self.steering = True
-        self._steer(True)
-        self._last = (self._kept(), self._handed_on())
