@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from txcluster.ledger import RATE_WINDOW, Ledger, LedgerSlot, Load
-from txcluster.worker.accept import FairShareAcceptor
+from txcluster.worker.accept import PAUSE_SECONDS, FairShareAcceptor
 
 
 class AcceptorTests(unittest.TestCase):
@@ -115,3 +115,11 @@ class AcceptorTests(unittest.TestCase):
         self.assertNotIn(self.acceptor, self.reactor.getReaders())
         self.assertRaises(OSError, os.fstat, fd)
         self.acceptor.stopListening()  # again: nothing
+
+    def test_a_failing_socket_pauses_accepting_instead_of_spinning(self):
+        with socket.socket(fileno=os.dup(self.acceptor.fileno())) as same:
+            same.shutdown(socket.SHUT_RDWR)
+        self.acceptor.doRead()  # accept() fails every time: returns
+        self.assertNotIn(self.acceptor, self.reactor.getReaders())
+        self.reactor.advance(PAUSE_SECONDS)
+        self.assertIn(self.acceptor, self.reactor.getReaders())

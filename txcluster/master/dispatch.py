@@ -21,7 +21,6 @@ connections arrive on.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections import deque
@@ -32,6 +31,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..accepting import accept_waiting
 from ..cpus import incoming_cpu
 from ..ledger import MAX_ROWS, MAX_SERVED_SLACK, Ledger, Load, least_loaded
 from ..wire import ACCEPT_BATCH, receive_connections, send_connections
@@ -52,13 +52,6 @@ SWEEP_SECONDS = 0.5
 #: the socket stays readable, so retrying at once would spin.  Also how long
 #: it waits before reading again after its doRead raised.
 PAUSE_SECONDS = 0.1
-
-#: accept(2) errors that concern one connection only, to be treated like EAGAIN.
-_ONE_CONNECTION_ERRORS = frozenset({
-    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ENETDOWN,
-    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.ENETUNREACH,
-})
-
 
 @attr.s(frozen=True, auto_attribs=True, eq=False)
 class WorkerChannel:
@@ -425,26 +418,12 @@ class ConnectionDispatcher:
             self._send_fresh(fds)
 
     def _accept_waiting(self) -> List[int]:
-        accepted: List[int] = []
-        # CPython's socket.accept() is written over the private _accept(),
-        # which returns the new descriptor and the peer's address (since 3.3,
-        # tests/test_round_robin.py checks it): calling it directly saves
-        # building a socket object per connection, which the master would
-        # only close once a worker has its copy.
-        accept = self._socket._accept  # type: ignore[union-attr]
-        while len(accepted) + len(self._held) < ACCEPT_BATCH:
-            try:
-                fd, _ = accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in _ONE_CONNECTION_ERRORS:  # that client is gone: next
-                    continue
-                log.warn("accept() failed: {error}; pausing", error=e)
-                self._stop()
-                self._reactor.callLater(PAUSE_SECONDS, self._start)
-                break
-            accepted.append(fd)
+        accepted, error = accept_waiting(self._socket,  # type: ignore[arg-type]
+                                         ACCEPT_BATCH - len(self._held))
+        if error is not None:
+            log.warn("accept() failed: {error}; pausing", error=error)
+            self._stop()
+            self._reactor.callLater(PAUSE_SECONDS, self._start)
         return accepted
 
     def _send_fresh(self, fds: List[int]) -> None:

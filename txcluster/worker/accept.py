@@ -16,7 +16,6 @@ receive queue), the master deals a part of them, as round-robin deals all.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from typing import Any, Callable, List, Optional, Sequence
@@ -25,6 +24,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadD
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..accepting import accept_waiting
 from ..ledger import RATE_WINDOW, LedgerSlot, served_slack, share
 from ..wire import ACCEPT_BATCH
 
@@ -33,11 +33,6 @@ log = Logger(namespace="txcluster.worker")
 #: After accept() fails for another reason than one connection's (out of
 #: descriptors, say), stop accepting for this long.
 PAUSE_SECONDS = 0.1
-
-_ONE_CONNECTION_ERRORS = frozenset({
-    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ENETDOWN,
-    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.ENETUNREACH,
-})
 
 
 @implementer(IReadDescriptor, IListeningPort)
@@ -132,24 +127,11 @@ class FairShareAcceptor:
             self._adopt(fd)
 
     def _accept_waiting(self) -> List[int]:
-        accepted: List[int] = []
-        # socket._accept: the private half of socket.accept() that returns
-        # a bare descriptor (the master's dispatcher uses it too;
-        # tests/test_round_robin.py checks it exists).
-        accept = self._socket._accept  # type: ignore[attr-defined]
-        while len(accepted) < ACCEPT_BATCH:
-            try:
-                fd, _ = accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in _ONE_CONNECTION_ERRORS:
-                    continue
-                log.warn("accept() failed: {error}; pausing", error=e)
-                self._pause()
-                self._reactor.callLater(PAUSE_SECONDS, self._resume)
-                break
-            accepted.append(fd)
+        accepted, error = accept_waiting(self._socket, ACCEPT_BATCH)
+        if error is not None:
+            log.warn("accept() failed: {error}; pausing", error=error)
+            self._pause()
+            self._reactor.callLater(PAUSE_SECONDS, self._resume)
         return accepted
 
     def _adopt(self, fd: int) -> None:
