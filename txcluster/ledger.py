@@ -7,10 +7,11 @@ the socket (by the CPU that received the connection, or by hash).  That
 split is only as even as the clients are spread: a client that runs on
 one CPU (a single-threaded proxy or load test, a script) would send every
 connection to one worker, and so would a network card with one receive
-queue.  So a worker keeps a new connection only while it is not busier
-than the least loaded serving worker by more than a little (L{keeps});
-any other it hands to the master, which deals it to the least loaded
-(L{least_loaded}).  For that each one must see the others' load at once,
+queue.  So a worker keeps a new connection unless it is both busier
+than the least loaded serving worker (more open connections, by half
+again) and ahead of it in connections served by more than its slack
+(L{keeps}); any other it hands to the master, which deals it to the least
+loaded (L{least_loaded}).  For that each one must see the others' load at once,
 without a message: hence shared memory, read with no system call.
 
 A worker's load is its open connections, then what it has served in all:
