@@ -11,9 +11,9 @@ from txcluster.cpus import cpu_for
 from txcluster.master import dispatch
 from txcluster.ledger import MAX_SERVED_SLACK, Ledger
 from txcluster.master.dispatch import (
-    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, LedgerDealer,
-    StandIns, WorkerChannel,
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, StandIns, WorkerChannel,
 )
+from txcluster.master.fairshare import LedgerDealer
 from txcluster.worker.receive import ConnectionReceiver
 
 

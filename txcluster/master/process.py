@@ -23,7 +23,8 @@ from ..wire import (
     WorkerEnvironment,
 )
 from .channel import ChildPipeTransport, MasterSide
-from .dispatch import ConnectionDispatcher, LedgerDealer, WorkerChannel
+from .dispatch import ConnectionDispatcher, WorkerChannel
+from .fairshare import LedgerDealer
 from .output import LineSplitter, OutputTail
 from .sockets import Listeners
 from .supervisor import ExitInfo, Worker

@@ -27,7 +27,8 @@ from ..cpus import Pinning, usable_cpus
 from ..ledger import Ledger
 from ..settings import REUSEPORT, ROUND_ROBIN, Settings
 from ..wire import ExitStatus
-from .dispatch import ConnectionDispatcher, LedgerDealer, StandIns
+from .dispatch import ConnectionDispatcher, StandIns
+from .fairshare import LedgerDealer
 from .process import WorkerSpawner
 from .recycling import MemoryWatch
 from .steering import SteeringGuard

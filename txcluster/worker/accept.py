@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Sequence
 
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.logger import Logger
