@@ -7,6 +7,7 @@ L{MemoryReactorClock}, and the ledger a real one.
 import os
 import socket
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
@@ -52,7 +53,7 @@ class AcceptorTests(unittest.TestCase):
 
     def test_listens(self):
         self.assertIn(self.acceptor, self.reactor.getReaders())
-        self.assertEqual(self.acceptor.getHost(), self.address)
+        self.assertEqual(self.acceptor.getHost(), IPv4Address("TCP", *self.address))
 
     def test_idle_keeps_one_in_two(self):
         """One client at a time: exactly round-robin: worker 1 keeps one

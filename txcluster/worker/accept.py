@@ -20,6 +20,7 @@ import os
 import socket
 from typing import Any, Callable, List, Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -70,7 +71,11 @@ class FairShareAcceptor:
         return "FairShareAcceptor"
 
     def getHost(self) -> Any:
-        return self._socket.getsockname()
+        """The address this worker's socket listens on (an IPv4Address or
+        IPv6Address, as a Twisted TCP port says)."""
+        host, port = self._socket.getsockname()[:2]
+        kind = IPv6Address if self._family == socket.AF_INET6 else IPv4Address
+        return kind("TCP", host, port)
 
     def startListening(self) -> None:
         self._factory.doStart()
