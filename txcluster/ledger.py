@@ -41,18 +41,18 @@ from typing import Dict, Iterable, List, NamedTuple, Optional
 #: rolling restart); a process without a row keeps what it accepts.
 MAX_ROWS = 2048
 
-#: While open connections are equal, how far ahead in connections served
-#: a worker may be before it hands new ones on: at most this many...
+#: How far ahead in connections served a worker may be before it hands
+#: new ones on (L{served_slack}): at most this many...
 MAX_SERVED_SLACK = 256
-#: ...and one more per this many it accepted in the last RATE_WINDOW
-#: seconds: 0 at the rate of a person or a test (exactly round-robin),
+#: ...and one per this many it accepted in the last RATE_WINDOW seconds:
 #: large under load, where the small, passing unevenness of well spread
 #: clients should cost no hand-offs.
 CONNECTIONS_PER_SLACK = 4
 RATE_WINDOW = 0.1
 
 #: How many more open connections than the least loaded a worker may have
-#: before it hands new ones on: a quarter more (none while few are open).
+#: and still keep new ones: the least loaded's open connections over this,
+#: half again (none while few are open).
 OPEN_SLACK_FRACTION = 2
 
 
@@ -67,7 +67,8 @@ def served_slack(accepted_last_window: int, loads: Dict[int, "Load"]) -> int:
     """How far ahead in connections served a worker may be: 0 while the
     cluster has no more connections open than workers (one client at a
     time: round-robin exactly), else a quarter of the connections this
-    worker accepted in the last L{RATE_WINDOW}, up to L{MAX_SERVED_SLACK}."""
+    worker accepted in the last L{RATE_WINDOW}, but at most 8 per
+    connection open beyond one per worker, and L{MAX_SERVED_SLACK}."""
     surplus = sum(load.open for load in loads.values()) - len(loads)
     if surplus <= 0:
         return 0
@@ -201,7 +202,7 @@ class Ledger:
 
     def lift(self, row: int, n: int) -> None:
         """Count C{n} more connections as served by C{row} (see
-        L{txcluster.master.dispatch.LedgerDealer.keep_only})."""
+        L{txcluster.master.fairshare.LedgerDealer.keep_only})."""
         self._words[_base(row) + _LIFTED] += n
 
     def set_steering(self, on: bool) -> None:

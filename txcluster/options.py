@@ -54,7 +54,7 @@ def choose_balance(settings: Settings, kernel_steers: bool, cpus: int) -> Settin
     kind = endpoint_kind(settings.listen)
     if not kernel_steers or kind not in REUSEPORT_ENDPOINTS:
         why = ("the kernel does not steer connections by CPU (Linux 6.2 does)"
-               if kernel_steers is False else f"--listen is not TCP ({kind}:)")
+               if not kernel_steers else f"--listen is not TCP ({kind}:)")
         return attr.evolve(settings, balance=ROUND_ROBIN, notes=settings.notes + (
             f"balance auto: round-robin, since {why}",))
     pinned = settings.cpu_affinity or settings.workers >= cpus >= 2

@@ -53,6 +53,7 @@ SWEEP_SECONDS = 0.5
 #: it waits before reading again after its doRead raised.
 PAUSE_SECONDS = 0.1
 
+
 @attr.s(frozen=True, auto_attribs=True, eq=False)
 class WorkerChannel:
     """The master's end of a worker's connection channel, the CPU the

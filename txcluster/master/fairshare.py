@@ -36,7 +36,7 @@ class LedgerDealer(Dealer):
         self.ledger = ledger
         self._free_rows = list(range(MAX_ROWS, 0, -1))
         #: per channel: the descriptors sent and not known to be taken yet,
-        #: oldest first, and how many it was sent before them
+        #: oldest first, and how many of those sent before were closed
         self._unconfirmed: Dict[WorkerChannel, Deque[int]] = {}
         self._confirmed: Dict[WorkerChannel, int] = {}
 
@@ -114,12 +114,11 @@ class LedgerDealer(Dealer):
             self._confirmed[target] += 1
 
     def release(self, target: WorkerChannel) -> List[int]:
-        if target not in self._unconfirmed and not self.ledger.has(target.row):
-            return []
+        left: List[int] = []
         if target in self._unconfirmed:
             self._sweep(target)
-        left = list(self._unconfirmed.pop(target, ()))
-        self._confirmed.pop(target, None)
+            left = list(self._unconfirmed.pop(target))
+            del self._confirmed[target]
         if self.ledger.has(target.row):
             self._free_rows.append(target.row)
             self._free_rows.sort(reverse=True)

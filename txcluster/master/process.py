@@ -158,7 +158,7 @@ class WorkerSpawner:
             release_channel=dispatcher.release if dispatcher else (lambda channel: None),
             takes_back=dispatcher.takes_back if dispatcher else (lambda: False))
         try:
-            self._spawn(protocol, worker.id, count, child_fds, row)
+            self._spawn(protocol, self.environment(worker.id, count, row), child_fds)
         except BaseException:
             channel.socket.close()
             if dispatcher is not None:
@@ -196,11 +196,8 @@ class WorkerSpawner:
             return
         log.info("worker {id} (pid {pid}) pinned to CPU {cpu}", id=worker_id, pid=pid, cpu=cpu)
 
-    def _spawn(self, protocol: WorkerProcessProtocol, worker_id: int, count: int,
-               child_fds: Dict[int, Any], row: int = 0) -> None:
-        environment = self.environment(worker_id, count)
-        if row:
-            environment = attr.evolve(environment, ledger_row=row)
+    def _spawn(self, protocol: WorkerProcessProtocol, environment: WorkerEnvironment,
+               child_fds: Dict[int, Any]) -> None:
         self._reactor.spawnProcess(
             protocol,
             sys.executable,
@@ -212,12 +209,14 @@ class WorkerSpawner:
             childFDs=child_fds,
         )
 
-    def environment(self, worker_id: int, count: int) -> WorkerEnvironment:
-        """What worker C{worker_id} is told.  With --cpu-affinity, a worker
-        whose new connections come from its own CPU also learns the CPUs,
-        so that it sends back clients that moved (not if the kernel cannot
-        steer them to it: each would just be hashed again)."""
-        environment = WorkerEnvironment(worker_id, count, os.getpid(), self._settings)
+    def environment(self, worker_id: int, count: int, row: int = 0) -> WorkerEnvironment:
+        """What worker C{worker_id} is told (and, with reuseport, its
+        process's ledger C{row}).  With --cpu-affinity, a worker whose new
+        connections come from its own CPU also learns the CPUs, so that it
+        sends back clients that moved (not if the kernel cannot steer them
+        to it: each would just be hashed again)."""
+        environment = WorkerEnvironment(worker_id, count, os.getpid(), self._settings,
+                                        ledger_row=row or None)
         if (self._pinning is not None and self._settings.balance in STEERED_MODES
                 and self._listeners.steers(worker_id)):
             environment = attr.evolve(environment, home_cpu=self._pinning.cpu_of(worker_id),

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from ..accepting import accept_waiting
 from ..ledger import RATE_WINDOW, LedgerSlot, served_slack, share
 from ..wire import ACCEPT_BATCH
+from .receive import adopt_connection
 
 log = Logger(namespace="txcluster.worker")
 
@@ -61,8 +62,6 @@ class FairShareAcceptor:
         self._in_window = 0
         self._last_window = 0
         self._listening = False
-        self.kept = 0
-        self.handed_on = 0
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -121,7 +120,6 @@ class FairShareAcceptor:
         keeps = share(loads, self._slot.row, len(fds), slack)
         on = [fd for fd, keep in zip(fds, keeps) if not keep]
         if on and self._hand_on(on):
-            self.handed_on += len(on)
             for fd in on:
                 os.close(fd)  # the master has its copy
             kept = [fd for fd, keep in zip(fds, keeps) if keep]
@@ -129,7 +127,7 @@ class FairShareAcceptor:
             kept = fds
         self._slot.add_kept(len(kept))
         for fd in kept:
-            self._adopt(fd)
+            adopt_connection(self._reactor, fd, self._family, self._factory)
 
     def _accept_waiting(self) -> List[int]:
         accepted, error = accept_waiting(self._socket, ACCEPT_BATCH)
@@ -138,17 +136,6 @@ class FairShareAcceptor:
             self._pause()
             self._reactor.callLater(PAUSE_SECONDS, self._resume)
         return accepted
-
-    def _adopt(self, fd: int) -> None:
-        try:
-            self._reactor.adoptStreamConnection(fd, self._family, self._factory)
-            self.kept += 1
-        except OSError as e:  # the client went away meanwhile
-            log.debug("could not adopt a connection: {error}", error=e)
-        except Exception:
-            log.failure("could not adopt a connection")
-        finally:
-            os.close(fd)
 
     def connectionLost(self, reason: Any) -> None:
         """doRead raised: Twisted has dropped us from the reactor."""

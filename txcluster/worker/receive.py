@@ -24,6 +24,23 @@ log = Logger(namespace="txcluster.worker")
 PAUSE_SECONDS = 0.1
 
 
+def adopt_connection(reactor: Any, fd: int, family: socket.AddressFamily,
+                     factory: IProtocolFactory) -> bool:
+    """Serve the accepted connection C{fd} with C{factory}, and close
+    C{fd} (Twisted adopts a copy); False if it could not be adopted (the
+    client went away meanwhile, say), which is logged."""
+    try:
+        reactor.adoptStreamConnection(fd, family, factory)
+        return True
+    except OSError as e:  # the client went away meanwhile
+        log.debug("could not adopt a connection: {error}", error=e)
+    except Exception:
+        log.failure("could not adopt a connection")
+    finally:
+        os.close(fd)
+    return False
+
+
 def address_family(fd: int) -> socket.AddressFamily:
     """The address family of a socket descriptor."""
     probe = socket.socket(fileno=fd)
@@ -119,17 +136,15 @@ class ConnectionReceiver:
                 return None
 
     def _adopt(self, fd: int) -> None:
-        try:
-            if self._family is None:
+        if self._family is None:
+            try:
                 self._family = address_family(fd)
-            self._reactor.adoptStreamConnection(fd, self._family, self._factory)
+            except OSError as e:  # the client went away meanwhile
+                log.debug("could not adopt a connection: {error}", error=e)
+                os.close(fd)
+                return
+        if adopt_connection(self._reactor, fd, self._family, self._factory):
             self.adopted += 1
-        except OSError as e:  # the client went away meanwhile
-            log.debug("could not adopt a connection: {error}", error=e)
-        except Exception:
-            log.failure("could not adopt a connection")
-        finally:
-            os.close(fd)
 
     def connectionLost(self, reason: Any) -> None:
         """doRead raised: Twisted has dropped us from the reactor."""
