@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from txcluster.ledger import RATE_WINDOW, Ledger, LedgerSlot, Load
+from txcluster.ledger import BURST, RATE_WINDOW, Ledger, LedgerSlot, Load
 from txcluster.worker.accept import PAUSE_SECONDS, FairShareAcceptor
 
 
@@ -24,6 +24,8 @@ class AcceptorTests(unittest.TestCase):
         self.addCleanup(self.ledger.close)
         self.ledger.set_serving([1, 2])
         self.handed = []
+        #: what the ledger and the reactor said of worker 1 at each hand-on
+        self.seen_at_hand_on = []
         self.master_takes = True
         listening = socket.socket()
         listening.bind(("127.0.0.1", 0))
@@ -36,6 +38,8 @@ class AcceptorTests(unittest.TestCase):
         self.addCleanup(self.acceptor.stopListening)
 
     def hand_on(self, fds):
+        self.seen_at_hand_on.append(
+            (self.ledger.load(1).served, len(self.reactor.adoptedStreamConnections)))
         if not self.master_takes:
             return False
         # The master deals them to worker 2, which takes them.
@@ -68,20 +72,45 @@ class AcceptorTests(unittest.TestCase):
         family = self.reactor.adoptedStreamConnections[0][1]
         self.assertEqual(family, socket.AF_INET)
 
+    def test_kept_are_counted_before_the_rest_is_handed_on(self):
+        """Six at once: worker 1 keeps three, and has counted and adopted
+        them before it hands the other three on; else the master, reading
+        the ledger, would see it idle and could deal them straight back."""
+        self.connect(6)
+        self.acceptor.doRead()
+        self.assertEqual(len(self.handed), 3)
+        self.assertEqual(self.seen_at_hand_on, [(3, 3)])
+
     def test_under_load_keeps_what_the_kernel_gave(self):
         """Many connections open and a busy last window: the slack is
         large, and a worker a little ahead keeps every new connection."""
         self.ledger.set_open(1, 12)
         self.ledger.set_open(2, 10)
         self.ledger.add_kept(2, 1000)
-        self.connect(40)
-        self.acceptor.doRead()  # 40 in this window (half handed on)...
+        for _ in range(2):
+            self.connect((BURST + 40) // 2)
+            self.acceptor.doRead()  # a burst and 40 more in this window...
         self.reactor.advance(RATE_WINDOW)
-        self.assertEqual(self.acceptor.accepted_last_window(), 40)
+        self.assertEqual(self.acceptor.accepted_last_window(), BURST + 40)
         self.handed.clear()
         self.connect(8)
         self.acceptor.doRead()  # ...so a slack of 10 in the next
         self.assertEqual(self.handed, [])
+
+    def test_no_slack_after_a_burst(self):
+        """The same, but only a burst in the last window: no slack, so the
+        worker ahead hands new connections on until worker 2 has as many
+        open, and every other one after that."""
+        self.ledger.set_open(1, 12)
+        self.ledger.set_open(2, 10)
+        self.ledger.add_kept(2, 1000)
+        self.connect(BURST)
+        self.acceptor.doRead()
+        self.reactor.advance(RATE_WINDOW)
+        self.handed.clear()
+        self.connect(8)
+        self.acceptor.doRead()
+        self.assertEqual(len(self.handed), 2 + 3)
 
     def test_the_window_empties_when_quiet(self):
         self.connect(4)

@@ -9,9 +9,10 @@ one CPU (a single-threaded proxy or load test, a script) would send every
 connection to one worker, and so would a network card with one receive
 queue.  So a worker keeps a new connection unless it is both busier
 than the least loaded serving worker (more open connections, by half
-again) and ahead of it in connections served by more than its slack
-(L{keeps}); any other it hands to the master, which deals it to the least
-loaded (L{least_loaded}).  For that each one must see the others' load at once,
+again) and ahead of it in connections served by more than its slack,
+which grows with load and is 0 without (L{keeps}: then it keeps only
+while no worker is less loaded); any other it hands to the master, which
+deals it to the least loaded (L{least_loaded}).  For that each one must see the others' load at once,
 without a message: hence shared memory, read with no system call.
 
 A worker's load is its open connections, then what it has served in all:
@@ -44,15 +45,19 @@ MAX_ROWS = 2048
 #: How far ahead in connections served a worker may be before it hands
 #: new ones on (L{served_slack}): at most this many...
 MAX_SERVED_SLACK = 256
-#: ...and one per this many it accepted in the last RATE_WINDOW seconds:
-#: large under load, where the small, passing unevenness of well spread
-#: clients should cost no hand-offs.
+#: ...and one per this many it accepted in the last RATE_WINDOW seconds
+#: beyond the first BURST: large under load, where the small, passing
+#: unevenness of well spread clients should cost no hand-offs, and none
+#: for a burst of long-lived connections (a pool, keep-alive clients
+#: starting), which is shared exactly: what a worker keeps of it, it
+#: keeps for as long as those connections live.
 CONNECTIONS_PER_SLACK = 4
+BURST = 32
 RATE_WINDOW = 0.1
 
-#: How many more open connections than the least loaded a worker may have
-#: and still keep new ones: the least loaded's open connections over this,
-#: half again (none while few are open).
+#: Under load (a slack above 0), how many more open connections than the
+#: least loaded a worker may have and still keep new ones: the least
+#: loaded's open connections over this, half again.
 OPEN_SLACK_FRACTION = 2
 
 
@@ -66,13 +71,15 @@ class Load(NamedTuple):
 def served_slack(accepted_last_window: int, loads: Dict[int, "Load"]) -> int:
     """How far ahead in connections served a worker may be: 0 while the
     cluster has no more connections open than workers (one client at a
-    time: round-robin exactly), else a quarter of the connections this
-    worker accepted in the last L{RATE_WINDOW}, but at most 8 per
-    connection open beyond one per worker, and L{MAX_SERVED_SLACK}."""
+    time: round-robin exactly) or while the worker accepted no more than
+    a L{BURST} in the last L{RATE_WINDOW}, else a quarter of the rest,
+    but at most 8 per connection open beyond one per worker, and
+    L{MAX_SERVED_SLACK}."""
     surplus = sum(load.open for load in loads.values()) - len(loads)
-    if surplus <= 0:
+    beyond_burst = accepted_last_window - BURST
+    if surplus <= 0 or beyond_burst <= 0:
         return 0
-    return min(MAX_SERVED_SLACK, accepted_last_window // CONNECTIONS_PER_SLACK, surplus * 8)
+    return min(MAX_SERVED_SLACK, beyond_burst // CONNECTIONS_PER_SLACK, surplus * 8)
 
 
 def least_loaded(loads: Dict[int, Load]) -> Optional[int]:
@@ -82,11 +89,15 @@ def least_loaded(loads: Dict[int, Load]) -> Optional[int]:
 
 def keeps(loads: Dict[int, Load], me: int, slack: int) -> bool:
     """Should the worker of row C{me} keep a new connection, given every
-    serving worker's load and its L{served_slack}?"""
+    serving worker's load and its L{served_slack}?  At slack 0 (no load
+    to speak of) only while none is less loaded: exactly fair, and the
+    few hand-offs cost nothing that matters."""
     best = least_loaded(loads)
     if me not in loads or best is None or best == me:
         return True
     mine, least = loads[me], loads[best]
+    if slack == 0:
+        return mine == least
     served_ok = mine.served - min(load.served for load in loads.values()) <= slack
     if mine.open == least.open:
         return served_ok

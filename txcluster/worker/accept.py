@@ -118,15 +118,25 @@ class FairShareAcceptor:
         slack = served_slack(self.accepted_last_window(), loads)
         self._in_window += len(fds)
         keeps = share(loads, self._slot.row, len(fds), slack)
+        # Kept first: the master deals what it is handed by the ledger,
+        # which must already count them, or it could deal them back here.
+        self._keep([fd for fd, keep in zip(fds, keeps) if keep])
         on = [fd for fd, keep in zip(fds, keeps) if not keep]
-        if on and self._hand_on(on):
+        if not on:
+            return
+        if self._hand_on(on):
             for fd in on:
                 os.close(fd)  # the master has its copy
-            kept = [fd for fd, keep in zip(fds, keeps) if keep]
         else:  # the master cannot take them: better here than nowhere
-            kept = fds
-        self._slot.add_kept(len(kept))
-        for fd in kept:
+            self._keep(on)
+
+    def _keep(self, fds: Sequence[int]) -> None:
+        """Count C{fds} as this worker's (served, and open once adopted)
+        and serve them."""
+        if not fds:
+            return
+        self._slot.add_kept(len(fds))
+        for fd in fds:
             adopt_connection(self._reactor, fd, self._family, self._factory)
 
     def _accept_waiting(self) -> List[int]:
