@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from txcluster.master.steering import (
-    CHECK_SECONDS, FIRST_HOLD_SECONDS, LAST_HOLD_SECONDS, SteeringGuard,
+    CHECK_SECONDS, ENOUGH_PER_WORKER, FIRST_HOLD_SECONDS, LAST_HOLD_SECONDS, SteeringGuard,
 )
 
 
@@ -18,8 +18,10 @@ class GuardTests(unittest.TestCase):
         self.kept = 0
         self.handed_on = 0
         self.steered = []
+        self.serving = 2
         self.guard = SteeringGuard(self.clock, kept=lambda: self.kept,
                                    handed_on=lambda: self.handed_on,
+                                   serving=lambda: self.serving,
                                    steer=self.steered.append)
         self.guard.startService()
         self.addCleanup(self.guard.stopService)
@@ -46,6 +48,19 @@ class GuardTests(unittest.TestCase):
         for _ in range(int(FIRST_HOLD_SECONDS)):
             self.second(kept=900, handed_on=0)  # meanwhile nothing is judged
         self.assertEqual(self.steered, [False, True])
+
+    def test_no_judgement_below_the_rate_that_earns_slack(self):
+        """Fewer new connections per serving worker than earn a worker
+        slack in the ledger: the workers share them exactly, and the
+        hand-offs that costs say nothing of steering."""
+        self.assertEqual(ENOUGH_PER_WORKER, 320)
+        for _ in range(3):
+            self.second(kept=300, handed_on=300)  # 2 workers: 600 < 640
+        self.assertEqual(self.steered, [])
+        self.serving = 1
+        for _ in range(2):
+            self.second(kept=300, handed_on=300)
+        self.assertEqual(self.steered, [False])
 
     def test_one_bad_second_is_not_enough(self):
         self.second(kept=600, handed_on=400)

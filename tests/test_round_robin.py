@@ -463,8 +463,10 @@ class LedgerDealerTests(WorkerChannels):
 
     def test_serving_ids_are_marked(self):
         self.assertEqual(set(self.ledger.loads()), {1, 2, 3})
+        self.assertEqual(self.dealer.serving(), 3)
         self.dispatcher.serve(self.serving[1:])
         self.assertEqual(set(self.ledger.loads()), {2, 3})
+        self.assertEqual(self.dealer.serving(), 2)
 
     def test_handed_on_goes_to_the_least_loaded(self):
         self.ledger.set_open(1, 9)

@@ -97,6 +97,10 @@ class LedgerDealer(Dealer):
     def waiting(self) -> bool:
         return any(self._unconfirmed.values())
 
+    def serving(self) -> int:
+        """How many worker processes serve now."""
+        return len(self.ledger.loads())
+
     def kept(self) -> int:
         """How many connections the serving workers kept of those they
         accepted themselves."""

@@ -495,7 +495,7 @@ def steering_guard(reactor: Any, ledger: LedgerDealer, group: Any,
 
     steer(True)
     return SteeringGuard(reactor, kept=ledger.kept, handed_on=lambda: dispatcher.handed_back,
-                         steer=steer)
+                         serving=ledger.serving, steer=steer)
 
 
 class ListeningService(Service):

@@ -27,11 +27,16 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..ledger import BURST, RATE_WINDOW
+
 log = Logger(namespace="txcluster.master")
 
 CHECK_SECONDS = 1.0
-#: Fewer new connections than this in a check says nothing.
-ENOUGH_CONNECTIONS = 100
+#: Fewer new connections than this per serving worker in a check says
+#: nothing: at that rate a worker has no slack (L{txcluster.ledger.BURST})
+#: and shares exactly whatever the kernel does, so its hand-offs are the
+#: ledger's doing, not steering's.
+ENOUGH_PER_WORKER = round(BURST * CHECK_SECONDS / RATE_WINDOW)
 HANDED_ON_LIMIT = 0.25
 FIRST_HOLD_SECONDS = 10.0
 LAST_HOLD_SECONDS = 600.0
@@ -42,14 +47,16 @@ class SteeringGuard(Service):
     @param kept: how many connections the workers have kept in all (it may
         go down when a worker process is replaced: that check is skipped).
     @param handed_on: how many they have handed on to the master in all.
+    @param serving: how many workers serve now.
     @param steer: turns steering on (True) or off.
     """
 
     def __init__(self, clock: Any, kept: Callable[[], int], handed_on: Callable[[], int],
-                 steer: Callable[[bool], None]) -> None:
+                 serving: Callable[[], int], steer: Callable[[bool], None]) -> None:
         self._clock = clock
         self._kept = kept
         self._handed_on = handed_on
+        self._serving = serving
         self._steer = steer
         self.steering = True
         self.hold = FIRST_HOLD_SECONDS
@@ -76,7 +83,7 @@ class SteeringGuard(Service):
         new_kept, new_handed = kept - self._last[0], handed_on - self._last[1]
         self._last = (kept, handed_on)
         total = new_kept + new_handed
-        if new_kept < 0 or total < ENOUGH_CONNECTIONS:  # a worker replaced, or quiet
+        if new_kept < 0 or total < ENOUGH_PER_WORKER * self._serving():  # replaced, or no load
             self._high = 0
             return
         if not self.steering:
