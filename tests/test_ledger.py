@@ -57,11 +57,11 @@ class RuleTests(unittest.TestCase):
         self.assertEqual(loads, {1: Load(0, 3), 2: Load(0, 3)})
 
     def test_a_burst_is_shared(self):
-        """Six at once: worker 1 keeps one in two, the rest go on."""
+        """Six at once: worker 1 keeps some, the rest go on."""
         loads = {1: Load(0, 0), 2: Load(0, 0)}
         kept = share(loads, 1, 6, slack=0)
-        self.assertEqual(kept, [True, False] * 3)
-        self.assertEqual(loads, {1: Load(3, 3), 2: Load(3, 3)})
+        self.assertEqual(kept, [True, False, True, False, True, True])
+        self.assertEqual(loads, {1: Load(4, 4), 2: Load(2, 2)})
 
     def test_four_workers_idle(self):
         loads = {i: Load(0, 0) for i in range(1, 5)}
@@ -81,32 +81,26 @@ class RuleTests(unittest.TestCase):
         self.assertFalse(keeps(loads, 1, slack=100))
         self.assertTrue(keeps(loads, 2, slack=100))
 
-    def test_open_connections_within_half_again_are_kept_under_load(self):
-        """Under load, a client that reconnects to the worker on its CPU is
-        kept while the open connections stay within half again, even when
-        that worker is ahead beyond its slack (else connections would go
-        back and forth)."""
+    def test_open_connections_within_half_again_are_kept(self):
+        """Keep-alive: a client that reconnects to the worker on its CPU
+        is kept while the open connections stay within half again, even
+        at slack 0 (else connections would go back and forth)."""
         loads = {1: Load(17, 40), 2: Load(15, 30)}
-        self.assertTrue(keeps(loads, 1, slack=1))
-        self.assertFalse(keeps({1: Load(23, 40), 2: Load(15, 30)}, 1, slack=1))
+        self.assertTrue(keeps(loads, 1, slack=0))
+        self.assertFalse(keeps({1: Load(23, 40), 2: Load(15, 30)}, 1, slack=0))
 
-    def test_without_load_only_the_least_loaded_keeps(self):
-        """At slack 0, one open connection more than the least loaded is
-        one too many, and so is one served more; an equal keeps."""
-        self.assertFalse(keeps({1: Load(6, 6), 2: Load(5, 5)}, 1, slack=0))
-        self.assertFalse(keeps({1: Load(5, 6), 2: Load(5, 5)}, 1, slack=0))
-        self.assertTrue(keeps({1: Load(5, 5), 2: Load(5, 5)}, 2, slack=0))
-
-    def test_a_burst_of_long_lived_connections_is_shared_exactly(self):
+    def test_a_burst_of_long_lived_connections_stays_within_half_again(self):
         """24 keep-alive clients starting, most of them on one worker's
-        CPU, at 4 workers: each worker ends with 6 (keeping up to half
-        again the least loaded's open connections, one would end with 8)."""
+        CPU, at 4 workers (as the load test has them): no worker ends with
+        more than half again the least loaded's, plus one."""
         loads = {i: Load(0, 0) for i in range(1, 5)}
         share(loads, 4, 2, slack=0)
         share(loads, 1, 2, slack=0)
         share(loads, 4, 14, slack=0)
         share(loads, 2, 6, slack=0)
-        self.assertEqual(loads, {i: Load(6, 6) for i in range(1, 5)})
+        opened = sorted(load.open for load in loads.values())
+        self.assertEqual(sum(opened), 24)
+        self.assertLessEqual(opened[-1], opened[0] + opened[0] // 2 + 1, loads)
 
     def test_not_serving_keeps_everything(self):
         """A worker the master has not marked as serving (still starting),

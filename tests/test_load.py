@@ -67,12 +67,15 @@ class KernelBalanceLoadTests(LoadTests):
 
 class CpuAffinityLoadTests(LoadTests):
     """More workers than CPUs, pinned two to a CPU: 24 keep-alive clients
-    starting at once are a burst, which the ledger shares exactly (no
-    slack without load: L{txcluster.ledger.served_slack}), however the
-    kernel steered them."""
+    starting at once are a burst, which earns no slack
+    (L{txcluster.ledger.served_slack}), so however the kernel steered
+    them no worker keeps more than half again the least loaded's open
+    connections, plus one a worker on the other CPU may decide at the
+    same moment: 9 of 24 at worst (7 in 30 runs)."""
 
     workers = 4
     cluster_args = ("--cpu-affinity",)
+    fairness = 0.4
 
 
 class ReusePortLoadTests(LoadTests):

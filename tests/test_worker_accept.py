@@ -73,44 +73,49 @@ class AcceptorTests(unittest.TestCase):
         self.assertEqual(family, socket.AF_INET)
 
     def test_kept_are_counted_before_the_rest_is_handed_on(self):
-        """Six at once: worker 1 keeps three, and has counted and adopted
-        them before it hands the other three on; else the master, reading
+        """Six at once: worker 1 keeps four, and has counted and adopted
+        them before it hands the other two on; else the master, reading
         the ledger, would see it idle and could deal them straight back."""
         self.connect(6)
         self.acceptor.doRead()
-        self.assertEqual(len(self.handed), 3)
-        self.assertEqual(self.seen_at_hand_on, [(3, 3)])
+        self.assertEqual(len(self.handed), 2)
+        self.assertEqual(self.seen_at_hand_on, [(4, 4)])
+
+    def accept_in_one_window(self, n):
+        """Worker 1 accepts n connections, in one window that then ends."""
+        for batch in (n // 2, n - n // 2):
+            self.connect(batch)
+            self.acceptor.doRead()
+        self.reactor.advance(RATE_WINDOW)
+        self.assertEqual(self.acceptor.accepted_last_window(), n)
+        self.handed.clear()
+
+    def busier_and_ahead_by(self, served):
+        """Worker 1 has twice worker 2's open connections (beyond half
+        again), and has served C{served} more."""
+        self.ledger.set_open(1, 20)
+        self.ledger.set_open(2, 10)
+        behind = self.ledger.load(1).served - served - self.ledger.load(2).served
+        self.ledger.lift(2, behind)
+        self.assertEqual(self.ledger.load(1).served - self.ledger.load(2).served, served)
 
     def test_under_load_keeps_what_the_kernel_gave(self):
-        """Many connections open and a busy last window: the slack is
-        large, and a worker a little ahead keeps every new connection."""
-        self.ledger.set_open(1, 12)
-        self.ledger.set_open(2, 10)
-        self.ledger.add_kept(2, 1000)
-        for _ in range(2):
-            self.connect((BURST + 40) // 2)
-            self.acceptor.doRead()  # a burst and 40 more in this window...
-        self.reactor.advance(RATE_WINDOW)
-        self.assertEqual(self.acceptor.accepted_last_window(), BURST + 40)
-        self.handed.clear()
-        self.connect(8)
-        self.acceptor.doRead()  # ...so a slack of 10 in the next
+        """A busy last window (a burst and 40 more: a slack of 10): a
+        worker a little ahead keeps every new connection."""
+        self.accept_in_one_window(BURST + 40)
+        self.busier_and_ahead_by(5)
+        self.connect(1)
+        self.acceptor.doRead()
         self.assertEqual(self.handed, [])
 
     def test_no_slack_after_a_burst(self):
         """The same, but only a burst in the last window: no slack, so the
-        worker ahead hands new connections on until worker 2 has as many
-        open, and every other one after that."""
-        self.ledger.set_open(1, 12)
-        self.ledger.set_open(2, 10)
-        self.ledger.add_kept(2, 1000)
-        self.connect(BURST)
+        worker ahead hands the new connection on."""
+        self.accept_in_one_window(BURST)
+        self.busier_and_ahead_by(5)
+        self.connect(1)
         self.acceptor.doRead()
-        self.reactor.advance(RATE_WINDOW)
-        self.handed.clear()
-        self.connect(8)
-        self.acceptor.doRead()
-        self.assertEqual(len(self.handed), 2 + 3)
+        self.assertEqual(len(self.handed), 1)
 
     def test_the_window_empties_when_quiet(self):
         self.connect(4)
