@@ -51,8 +51,8 @@ class GuardTests(unittest.TestCase):
 
     def test_no_judgement_below_the_rate_that_earns_slack(self):
         """Fewer new connections per serving worker than earn a worker
-        slack in the ledger: the workers share them exactly, and the
-        hand-offs that costs say nothing of steering."""
+        slack in the ledger: the workers hand on what puts them ahead,
+        and those hand-offs say little of steering."""
         self.assertEqual(ENOUGH_PER_WORKER, 320)
         for _ in range(3):
             self.second(kept=300, handed_on=300)  # 2 workers: 600 < 640

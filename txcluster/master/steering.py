@@ -34,8 +34,8 @@ log = Logger(namespace="txcluster.master")
 CHECK_SECONDS = 1.0
 #: Fewer new connections than this per serving worker in a check says
 #: nothing: at that rate a worker has no slack (L{txcluster.ledger.BURST})
-#: and shares exactly whatever the kernel does, so its hand-offs are the
-#: ledger's doing, not steering's.
+#: and hands on whatever puts it ahead of the least loaded, wherever the
+#: kernel sent it, so its hand-offs say little of steering.
 ENOUGH_PER_WORKER = round(BURST * CHECK_SECONDS / RATE_WINDOW)
 HANDED_ON_LIMIT = 0.25
 FIRST_HOLD_SECONDS = 10.0
