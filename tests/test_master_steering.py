@@ -62,6 +62,14 @@ class GuardTests(unittest.TestCase):
             self.second(kept=300, handed_on=300)
         self.assertEqual(self.steered, [False])
 
+    def test_no_worker_serving_decides_nothing(self):
+        """Every worker gone (a crash loop): a quiet second, not a
+        division by zero."""
+        self.serving = 0
+        self.second(kept=0, handed_on=0)
+        self.second(kept=0, handed_on=0)
+        self.assertEqual(self.steered, [])
+
     def test_one_bad_second_is_not_enough(self):
         self.second(kept=600, handed_on=400)
         self.second(kept=990, handed_on=10)

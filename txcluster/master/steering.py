@@ -83,7 +83,8 @@ class SteeringGuard(Service):
         new_kept, new_handed = kept - self._last[0], handed_on - self._last[1]
         self._last = (kept, handed_on)
         total = new_kept + new_handed
-        if new_kept < 0 or total < ENOUGH_PER_WORKER * self._serving():  # replaced, or no load
+        enough = ENOUGH_PER_WORKER * max(1, self._serving())
+        if new_kept < 0 or total < enough:  # a worker replaced, or no load
             self._high = 0
             return
         if not self.steering:
