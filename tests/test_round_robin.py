@@ -11,7 +11,8 @@ from txcluster.cpus import cpu_for
 from txcluster.master import dispatch
 from txcluster.ledger import MAX_SERVED_SLACK, Ledger
 from txcluster.master.dispatch import (
-    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, StandIns, WorkerChannel,
+    PAUSE_SECONDS, RETRY_SECONDS, Accepted, ConnectionDispatcher, Dealer, Descriptor, StandIns,
+    WorkerChannel,
 )
 from txcluster.master.fairshare import LedgerDealer
 from txcluster.worker.receive import ConnectionReceiver
@@ -103,32 +104,33 @@ class WorkerChannels(unittest.TestCase):
 class RoundRobinTests(WorkerChannels):
     def setUp(self):
         super().setUp()
-        self.dispatcher = ConnectionDispatcher(self.reactor, self.listener.fileno())
+        self.dispatcher = ConnectionDispatcher(self.reactor)
+        self.acceptor = self.dispatcher.accept_on(self.listener.fileno())
         self.dispatcher.serve(self.serving)
         self.addCleanup(self.dispatcher.close)
 
     def test_connections_go_round_robin(self):
         self.connect(7)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual(self.dispatcher.dispatched, 7)
         self.assertEqual([self.received(i) for i in range(3)], [3, 2, 2])
 
     def test_one_message_per_worker_per_wakeup(self):
         self.connect(6)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual([self.messages(i) for i in range(3)], [[2], [2], [2]])
 
     def test_round_robin_continues_across_wakeups(self):
         self.connect(2)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.connect(2)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual([self.received(i) for i in range(3)], [2, 1, 1])
 
     def test_a_full_channel_passes_its_share_on(self):
         self.fill(0)
         self.connect(3)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual(self.dispatcher.dispatched, 3)
         self.assertEqual(self.received(1) + self.received(2), 3)
 
@@ -136,9 +138,9 @@ class RoundRobinTests(WorkerChannels):
         for i in range(3):
             self.fill(i)
         clients = self.connect(2)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (2, 0))
-        self.assertNotIn(self.dispatcher, self.reactor.readers)  # the backlog takes the rest
+        self.assertNotIn(self.acceptor, self.reactor.readers)  # the backlog takes the rest
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual(self.dispatcher.held, 2)  # still full: still held
         clients[0].setblocking(False)
@@ -146,14 +148,14 @@ class RoundRobinTests(WorkerChannels):
         self.empty(1)
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
-        self.assertIn(self.dispatcher, self.reactor.readers)
+        self.assertIn(self.acceptor, self.reactor.readers)
         self.assertEqual(self.received(1), 2)
 
     def test_close_closes_held_connections(self):
         for i in range(3):
             self.fill(i)
         clients = self.connect(1)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.dispatcher.close()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         clients[0].settimeout(5)
@@ -164,24 +166,24 @@ class RoundRobinTests(WorkerChannels):
         self.dispatcher.serve([WorkerChannel(ours, cpu) for (ours, _), cpu
                                in zip(self.channels, (0, 1, 0))])
         self.connect(3)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual([self.received(i) for i in range(3)], [1, 2, 0])
 
     def test_while_no_worker_is_ready_held_connections_wait_without_polling(self):
         for i in range(3):
             self.fill(i)
         self.connect(1)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.dispatcher.serve([])  # every worker gone
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.dispatcher.held, 1)
         self.empty(0)
         self.dispatcher.serve([WorkerChannel(self.channels[0][0])])  # send first, then accept
-        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.assertNotIn(self.acceptor, self.reactor.readers)
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual(self.dispatcher.held, 0)
-        self.assertIn(self.dispatcher, self.reactor.readers)
+        self.assertIn(self.acceptor, self.reactor.readers)
         self.assertEqual(self.received(0), 1)
 
     def test_an_unexpected_error_while_sending_loses_no_connection(self):
@@ -192,13 +194,13 @@ class RoundRobinTests(WorkerChannels):
 
         self.patch(socket, "send_fds", broken)
         self.connect(2)
-        self.assertRaises(RuntimeError, self.dispatcher.doRead)
+        self.assertRaises(RuntimeError, self.acceptor.doRead)
         self.assertEqual(self.dispatcher.held, 2)
-        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.assertNotIn(self.acceptor, self.reactor.readers)
         self.patch(socket, "send_fds", send_fds)
         self.reactor.advance(RETRY_SECONDS)
         self.assertEqual((self.dispatcher.held, self.dispatcher.dispatched), (0, 2))
-        self.assertIn(self.dispatcher, self.reactor.readers)
+        self.assertIn(self.acceptor, self.reactor.readers)
 
     def test_cpython_private_accept_still_returns_a_descriptor_and_an_address(self):
         """The dispatcher accepts with socket.socket._accept (no socket object
@@ -213,10 +215,10 @@ class RoundRobinTests(WorkerChannels):
 
     def test_a_failing_listening_socket_pauses_accepting_instead_of_spinning(self):
         self.listener.shutdown(socket.SHUT_RDWR)  # accept() now fails every time
-        self.dispatcher.doRead()  # returns
-        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.acceptor.doRead()  # returns
+        self.assertNotIn(self.acceptor, self.reactor.readers)
         self.reactor.advance(PAUSE_SECONDS)
-        self.assertIn(self.dispatcher, self.reactor.readers)
+        self.assertIn(self.acceptor, self.reactor.readers)
 
     def test_a_stopped_receiver_refuses_what_comes_later(self):
         receiver = ConnectionReceiver(self.reactor, os.dup(self.channels[0][1].fileno()),
@@ -224,7 +226,7 @@ class RoundRobinTests(WorkerChannels):
         receiver.startListening()
         self.successResultOf(receiver.stopListening())
         self.connect(2)
-        self.dispatcher.doRead()  # the master did not know worker 0 was stopping
+        self.acceptor.doRead()  # the master did not know worker 0 was stopping
         self.assertEqual(self.dispatcher.dispatched, 2)
         self.assertEqual(self.received(1) + self.received(2), 2)
 
@@ -234,12 +236,12 @@ class RoundRobinTests(WorkerChannels):
 
         self.patch(socket, "send_fds", broken)
         clients = self.connect(1)
-        self.assertRaises(RuntimeError, self.dispatcher.doRead)
+        self.assertRaises(RuntimeError, self.acceptor.doRead)
         self.dispatcher.close()
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual((self.dispatcher.held, self.reactor.getDelayedCalls()), (0, []))
         self.dispatcher.serve(self.serving)  # a worker reporting ready during shutdown
-        self.assertNotIn(self.dispatcher, self.reactor.readers)
+        self.assertNotIn(self.acceptor, self.reactor.readers)
         clients[0].settimeout(5)
         self.assertEqual(clients[0].recv(1), b"")
 
@@ -247,7 +249,7 @@ class RoundRobinTests(WorkerChannels):
         for i in range(3):
             self.fill(i)
         self.connect(1)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.empty(2)
         self.dispatcher.close()
         self.assertEqual(self.received(2), 1)
@@ -256,16 +258,16 @@ class RoundRobinTests(WorkerChannels):
         self.dispatcher.serve([])
         self.connect(2)
         self.assertEqual(self.dispatcher.dispatched, 0)
-        self.assertNotIn(self.dispatcher, self.reactor.readers)  # not reading
+        self.assertNotIn(self.acceptor, self.reactor.readers)  # not reading
         self.dispatcher.serve([WorkerChannel(self.channels[0][0])])
-        self.assertIn(self.dispatcher, self.reactor.readers)
-        self.dispatcher.doRead()
+        self.assertIn(self.acceptor, self.reactor.readers)
+        self.acceptor.doRead()
         self.assertEqual(self.received(0), 2)
 
     def test_a_gone_worker_is_skipped(self):
         self.channels[1][1].close()
         self.connect(4)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         self.assertEqual(self.received(0) + self.received(2), 4)
 
     def test_a_connection_handed_back_goes_to_another_worker(self):
@@ -274,22 +276,22 @@ class RoundRobinTests(WorkerChannels):
         self.dispatcher.serve(self.serving[1:])  # worker 0 is leaving
         client = self.connect(1)[0]
         self.dispatcher.serve(self.serving[:1])
-        self.dispatcher.doRead()  # worker 0 still got it, say
+        self.acceptor.doRead()  # worker 0 still got it, say
         [fd] = socket.recv_fds(self.channels[0][1], 64, 64)[1]
         self.dispatcher.serve(self.serving[1:])
         socket.send_fds(self.channels[0][1], [b"c"], [fd])  # ... and hands it back
         os.close(fd)
-        readers = [r for r in self.reactor.readers if r is not self.dispatcher]
+        readers = [r for r in self.reactor.readers if r is not self.acceptor]
         readers[0].doRead()
         self.assertEqual(self.dispatcher.handed_back, 1)
         self.assertEqual(self.received(1) + self.received(2), 1)
         client.sendall(b"still open")  # never closed on the client
         self.dispatcher.unwatch(stopping)
-        self.assertEqual([r for r in self.reactor.readers if r is not self.dispatcher], [])
+        self.assertEqual([r for r in self.reactor.readers if r is not self.acceptor], [])
 
     def test_receiver_adopts_and_drains_on_stop(self):
         clients = self.connect(3)
-        self.dispatcher.doRead()
+        self.acceptor.doRead()
         theirs = self.channels[0][1]
         receiver = ConnectionReceiver(self.reactor, os.dup(theirs.fileno()), Factory())
         receiver.startListening()
@@ -308,14 +310,14 @@ class StandInTests(WorkerChannels):
 
     def setUp(self):
         super().setUp()
-        self.main = ConnectionDispatcher(self.reactor, None)  # takes back; accepts nothing
+        self.main = ConnectionDispatcher(self.reactor)  # takes back; accepts nothing
         self.addCleanup(self.main.close)
-        self.stand_ins = StandIns(self.reactor, self.main)
+        self.stand_ins = StandIns(self.main)
         self.addCleanup(self.stand_ins.close)
 
     def serve(self, unserved, channels):
         self.main.serve(channels)
-        self.stand_ins.serve(unserved, channels)
+        self.stand_ins.serve(unserved)
 
     def read_all(self):
         for reader in list(self.reactor.readers):
@@ -346,15 +348,53 @@ class StandInTests(WorkerChannels):
         clients = self.connect(3)
         self.read_all()  # worker 0 cannot take them: held
         self.serve([], self.serving[1:2])  # worker 1 is back and serves alone
+        self.reactor.advance(RETRY_SECONDS)
         for client in clients:  # not closed by the master
             client.settimeout(0.2)
             self.assertRaises(socket.timeout, client.recv, 1)
         self.assertEqual(self.received(1), 3)
 
+    def test_what_one_socket_holds_stops_every_socket(self):
+        """Two sockets, one dispatcher: a connection held from one stops
+        accepting on both (the backlogs take the pressure), and once it is
+        sent both accept again."""
+        other = socket.socket()
+        other.bind(("127.0.0.1", 0))
+        other.listen(4)
+        self.addCleanup(other.close)
+        for i in range(3):
+            self.fill(i)
+        self.serve([self.listener.fileno(), other.fileno()], self.serving)
+        acceptors = set(self.reactor.readers)
+        self.assertEqual(len(acceptors), 2)
+        self.connect(1)
+        self.read_all()
+        self.assertEqual((self.main.held, self.reactor.readers), (1, set()))
+        for i in range(3):
+            self.empty(i)
+        self.reactor.advance(RETRY_SECONDS)
+        self.assertEqual((self.main.held, self.reactor.readers), (0, acceptors))
+        self.assertEqual(sum(self.received(i) for i in range(3)), 1)
+
+    def test_an_acceptor_stopped_during_a_wakeup_accepts_nothing(self):
+        """The reactor may still call an acceptor another one's wakeup just
+        stopped: it takes nothing from its backlog."""
+        for i in range(3):
+            self.fill(i)
+        self.serve([self.listener.fileno()], self.serving)
+        (acceptor,) = self.reactor.readers
+        self.connect(2)
+        self.main.hold([Accepted(Descriptor(os.dup(self.listener.fileno())))])
+        acceptor.doRead()
+        self.assertEqual(self.main.held, 1)
+        accepted = [self.listener.accept()[0] for _ in range(2)]  # still in the backlog
+        for connection in accepted:
+            connection.close()
+
     def test_without_a_socket_a_dispatcher_deals_only_what_is_handed_back(self):
-        dispatcher = ConnectionDispatcher(self.reactor, None)
+        dispatcher = ConnectionDispatcher(self.reactor)
         dispatcher.serve(self.serving)
-        self.assertNotIn(dispatcher, self.reactor.readers)
+        self.assertEqual((dispatcher.sockets, self.reactor.readers), ([], set()))
         client = self.connect(1)[0]
         handed, _ = self.listener.accept()
         dispatcher.take_back([handed.detach()])
@@ -425,12 +465,13 @@ class DealerTests(unittest.TestCase):
         self.addCleanup(listener.close)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        dispatcher = ConnectionDispatcher(reactor, listener.fileno())
+        dispatcher = ConnectionDispatcher(reactor)
         self.addCleanup(dispatcher.close)
+        acceptor = dispatcher.accept_on(listener.fileno())
         dispatcher.serve([WorkerChannel(object())])
-        self.assertIn(dispatcher, reactor.readers)
+        self.assertIn(acceptor, reactor.readers)
         dispatcher.serve([])
-        self.assertNotIn(dispatcher, reactor.readers)
+        self.assertNotIn(acceptor, reactor.readers)
 
 
 class LedgerDealerTests(WorkerChannels):
@@ -445,7 +486,7 @@ class LedgerDealerTests(WorkerChannels):
         self.dealer = LedgerDealer(self.ledger)
         self.serving = [WorkerChannel(ours, None, i, self.dealer.allocate())
                         for i, (ours, _) in enumerate(self.channels, start=1)]
-        self.dispatcher = ConnectionDispatcher(self.reactor, None, self.dealer)
+        self.dispatcher = ConnectionDispatcher(self.reactor, self.dealer)
         self.addCleanup(self.dispatcher.close)
         self.dispatcher.serve(self.serving)
 

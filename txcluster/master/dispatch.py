@@ -8,12 +8,14 @@ are long-lived and a burst decides the split for good, at the cost of one
 C{accept} per connection and one C{sendmsg} per worker and wakeup in the
 master.  The master still never reads a request's bytes.
 
-The same dispatcher, without a socket, deals the idle kept-alive
-connections stopping workers hand back, in every mode; and with
-C{--balance reuseport} (and so C{auto}), what a worker hands on beyond its
-fair share, with the dealer of L{txcluster.master.fairshare}, while
-L{StandIns} accept on the sockets no worker accepts on (a worker starting
-or being replaced, an id SIGTTOU removed).
+One L{ConnectionDispatcher} deals every connection the master passes on;
+an L{Acceptor} per socket the master accepts on feeds it.  In every mode
+it also deals the idle kept-alive connections stopping workers hand back;
+and with C{--balance reuseport} (and so C{auto}), where it has no acceptor
+of its own, what a worker hands on beyond its fair share, with the dealer
+of L{txcluster.master.fairshare}, and what the L{StandIns} accept on the
+sockets no worker accepts on (a worker starting or being replaced, an id
+SIGTTOU removed).
 
 With C{--cpu-affinity} each worker is pinned, and L{Dealer} prefers, for
 each connection, a worker on the CPU whose network stack received it
@@ -192,58 +194,68 @@ class Dealer:
         return []
 
 
-@implementer(IReadDescriptor)
 class ConnectionDispatcher:
     """
-    Accept on a listening socket (none: take only what workers hand back)
-    and send each connection to one of the serving workers' channels, as
-    the L{Dealer} decides.  The master tells
-    it which workers serve (L{serve}); while none does, it stops accepting
-    and connections wait in the kernel's backlog.
+    Send each connection the master has to one of the serving workers'
+    channels, as the L{Dealer} decides: those its L{Acceptor}s accept (one
+    per socket the master accepts on: round-robin's, or with reuseport the
+    L{StandIns}'), and those workers hand back or on.  The master tells it
+    which workers serve (L{serve}); while none does, its acceptors stop and
+    connections wait in the kernel's backlog.
 
-    One wakeup accepts what is waiting (up to L{ACCEPT_BATCH}) and sends
-    each worker its share in one message.  A connection no worker can take
-    yet (every channel full) is held, not dropped: the master stops
-    accepting, so the backlog takes the pressure, and retries shortly.  So
-    at most L{ACCEPT_BATCH} connections are ever held, and no message
-    carries more descriptors than a worker reads at once.
+    Each wakeup of an acceptor sends each worker its share in one message.
+    A connection no worker can take yet (every channel full) is held, not
+    dropped: the acceptors stop, so the backlog takes the pressure, and
+    sending is retried shortly.  So at most L{ACCEPT_BATCH} connections are
+    ever held, and no message carries more descriptors than a worker reads
+    at once.
     """
 
-    def __init__(self, reactor: Any, listening_fd: Optional[int],
-                 dealer: Optional[Dealer] = None) -> None:
-        """
-        @param listening_fd: the socket to accept on (a copy is made); none:
-            deal only the connections workers hand back.
-        @param dealer: shared by the dispatchers that serve the same workers.
-        """
+    def __init__(self, reactor: Any, dealer: Optional[Dealer] = None) -> None:
         self._reactor = reactor
-        self._socket: Optional[socket.socket] = None
-        if listening_fd is not None:
-            self._socket = socket.socket(fileno=os.dup(listening_fd))
-            self._socket.setblocking(False)
+        self._acceptors: List[Acceptor] = []
         self._serving: List[WorkerChannel] = []
         self._steering = False  # some serving worker is pinned
-        #: who takes which connection (shared with the stand-ins' dispatchers)
+        #: who takes which connection
         self.dealer = dealer if dealer is not None else Dealer()
         self._held: List[Accepted] = []
         self._retry: Optional[Any] = None
         self._closed = False
         self._watched: Dict[WorkerChannel, "_HandedBack"] = {}
         self._sweeping: Optional[Any] = None
-        self.reading = False
         self.dispatched = 0
         self.handed_back = 0
-
-    def fileno(self) -> int:
-        return self._socket.fileno() if self._socket is not None else -1
-
-    def logPrefix(self) -> str:
-        return f"ConnectionDispatcher(fd {self.fileno()})"
 
     @property
     def held(self) -> int:
         """Connections accepted that no worker could take yet."""
         return len(self._held)
+
+    @property
+    def sockets(self) -> List[int]:
+        """The listening sockets it accepts on (the master's copies)."""
+        return [acceptor.fileno() for acceptor in self._acceptors]
+
+    @property
+    def accepting(self) -> bool:
+        """Should its acceptors accept now: some worker serves, and no
+        connection waits for one to take it?"""
+        return bool(self._serving) and not self._held and not self._closed
+
+    def accept_on(self, listening_fd: int) -> "Acceptor":
+        """Accept on C{listening_fd} too (a copy is made), while
+        L{accepting}."""
+        acceptor = Acceptor(self._reactor, listening_fd, self)
+        self._acceptors.append(acceptor)
+        if self.accepting:
+            acceptor.resume()
+        return acceptor
+
+    def stop_accepting_on(self, acceptor: "Acceptor") -> None:
+        """Close that acceptor; what waits in its socket's backlog stays."""
+        if acceptor in self._acceptors:
+            self._acceptors.remove(acceptor)
+        acceptor.close()
 
     def serve(self, channels: Sequence[WorkerChannel]) -> None:
         """From now on, deal connections to C{channels} (the ready workers
@@ -261,15 +273,14 @@ class ConnectionDispatcher:
             return
         if self._held:
             self._schedule_retry()  # accepting resumes once they are sent
-        elif not self.reading and self._socket is not None and self._socket.fileno() >= 0:
-            self.reading = True
-            self._reactor.addReader(self)
+        else:
+            for acceptor in self._acceptors:
+                acceptor.resume()
 
     def _stop(self) -> None:
         """Stop accepting; what is not accepted stays in the backlog."""
-        if self.reading:
-            self.reading = False
-            self._reactor.removeReader(self)
+        for acceptor in self._acceptors:
+            acceptor.pause()
 
     def close(self) -> None:
         """Stop for good: send what is held to the workers still serving
@@ -278,7 +289,9 @@ class ConnectionDispatcher:
         if self._closed:
             return
         self._closed = True
-        self._stop()
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
         try:
             self._send_held(self._serving)
         except Exception:
@@ -293,29 +306,15 @@ class ConnectionDispatcher:
             if self._held:
                 log.warn("closed {n} connections no worker could take", n=len(self._held))
             self._held = []
-            if self._socket is not None:
-                self._socket.close()  # our copy only: never shutdown()
 
-    def doRead(self) -> None:
-        if not self._serving:  # pragma: no cover - serve([]) stopped reading
-            self._stop()
-            return
-        fds = self._accept_waiting()
+    def dispatch(self, fds: List[int]) -> None:
+        """Deal connections an acceptor just accepted (while L{accepting})."""
         if self._held or self._steering:
             self._held.extend(Accepted(client, incoming_cpu(client) if self._steering else None)
                               for client in map(Descriptor, fds))
             self._send_held(self._serving)
         elif fds:
             self._send_fresh(fds)
-
-    def _accept_waiting(self) -> List[int]:
-        accepted, error = accept_waiting(self._socket,  # type: ignore[arg-type]
-                                         ACCEPT_BATCH - len(self._held))
-        if error is not None:
-            log.warn("accept() failed: {error}; pausing", error=error)
-            self._stop()
-            self._reactor.callLater(PAUSE_SECONDS, self._start)
-        return accepted
 
     def _send_fresh(self, fds: List[int]) -> None:
         """The common case, kept short: nothing held and nothing pinned, so
@@ -441,13 +440,6 @@ class ConnectionDispatcher:
         self._held.extend(connections)
         self._send_held(self._serving)
 
-    def retire(self, successor: "ConnectionDispatcher") -> None:
-        """Stop accepting for good, and leave what is held to C{successor}
-        (whose retries and channels it then shares), not closing any."""
-        held, self._held = self._held, []
-        self.close()
-        successor.hold(held)
-
     def _schedule_retry(self) -> None:
         if self._retry is None or not self._retry.active():
             self._retry = self._reactor.callLater(RETRY_SECONDS, self._retry_held)
@@ -462,46 +454,93 @@ class ConnectionDispatcher:
             if not self._held and self._serving:
                 self._start()
 
+
+@implementer(IReadDescriptor)
+class Acceptor:
+    """Accepts on one listening socket (its own copy) while its
+    L{ConnectionDispatcher} is L{accepting<ConnectionDispatcher.accepting>},
+    and gives it what it accepted."""
+
+    def __init__(self, reactor: Any, listening_fd: int, dispatcher: ConnectionDispatcher) -> None:
+        self._reactor = reactor
+        self._socket = socket.socket(fileno=os.dup(listening_fd))
+        self._socket.setblocking(False)
+        self._dispatcher = dispatcher
+        self.reading = False
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return f"Acceptor(fd {self.fileno()})"
+
+    def resume(self) -> None:
+        if not self.reading and self._socket.fileno() >= 0:
+            self.reading = True
+            self._reactor.addReader(self)
+
+    def pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self._reactor.removeReader(self)
+
+    def close(self) -> None:
+        """Stop, and close our copy of the socket (never shutdown())."""
+        self.pause()
+        self._socket.close()
+
+    def doRead(self) -> None:
+        dispatcher = self._dispatcher
+        if not dispatcher.accepting:  # another acceptor's wakeup just stopped us
+            self.pause()
+            return
+        accepted, error = accept_waiting(self._socket, ACCEPT_BATCH - dispatcher.held)
+        if accepted:
+            dispatcher.dispatch(accepted)
+        if error is not None:
+            log.warn("accept() failed: {error}; pausing", error=error)
+            self.pause()
+            self._reactor.callLater(PAUSE_SECONDS, self._resume_if_wanted)
+
+    def _resume_if_wanted(self) -> None:
+        if self._dispatcher.accepting:
+            self.resume()
+
     def connectionLost(self, reason: Any) -> None:
         """doRead raised: Twisted has dropped us from the reactor."""
-        log.failure("the connection dispatcher failed; resuming", reason)
+        log.failure("accepting failed; resuming", reason)
         self.reading = False
-        self._reactor.callLater(PAUSE_SECONDS, self._start)
+        self._reactor.callLater(PAUSE_SECONDS, self._resume_if_wanted)
 
 
 class StandIns:
     """
     C{--balance reuseport}: the master accepts on the sockets no worker
-    accepts on (L{txcluster.master.sockets.Listeners.unserved}) and deals
-    those connections to the workers that serve, with the L{Dealer} of
-    C{dispatcher}; one L{ConnectionDispatcher} per such socket.  One that
-    is no longer needed leaves what it holds to C{dispatcher}.
+    accepts on (L{txcluster.master.sockets.Listeners.unserved}), with an
+    L{Acceptor} each, and C{dispatcher} deals those connections to the
+    workers that serve.
     """
 
-    def __init__(self, reactor: Any, dispatcher: ConnectionDispatcher) -> None:
-        self._reactor = reactor
+    def __init__(self, dispatcher: ConnectionDispatcher) -> None:
         self._dispatcher = dispatcher
-        self._by_fd: Dict[int, ConnectionDispatcher] = {}
+        self._by_fd: Dict[int, Acceptor] = {}
 
     @property
     def sockets(self) -> List[int]:
         """The descriptors the master accepts on now."""
         return sorted(self._by_fd)
 
-    def serve(self, unserved: Sequence[int], channels: Sequence[WorkerChannel]) -> None:
-        """Accept on the C{unserved} sockets (and no other), and deal to
-        C{channels}: the workers that serve."""
+    def serve(self, unserved: Sequence[int]) -> None:
+        """Accept on the C{unserved} sockets, and no other."""
         for fd in unserved:
             if fd not in self._by_fd:
-                self._by_fd[fd] = ConnectionDispatcher(self._reactor, fd,
-                                                       self._dispatcher.dealer)
-            self._by_fd[fd].serve(channels)
+                self._by_fd[fd] = self._dispatcher.accept_on(fd)
         for fd in [fd for fd in self._by_fd if fd not in unserved]:
-            self._by_fd.pop(fd).retire(self._dispatcher)  # its worker serves again
+            self._dispatcher.stop_accepting_on(self._by_fd.pop(fd))  # its worker serves again
 
     def close(self) -> None:
-        for dispatcher in self._by_fd.values():
-            dispatcher.close()
+        for acceptor in self._by_fd.values():
+            self._dispatcher.stop_accepting_on(acceptor)
         self._by_fd = {}
 
 

@@ -313,7 +313,7 @@ class MasterService(SignalledService):
         if self.dispatcher is not None:
             self.dispatcher.serve(channels)
         if self.stand_ins is not None:
-            self.stand_ins.serve(self.listeners.unserved({w.id for w in workers}), channels)
+            self.stand_ins.serve(self.listeners.unserved({w.id for w in workers}))
 
     def stopService(self) -> Deferred:
         super().stopService()  # the control socket and the metrics port close
@@ -531,12 +531,12 @@ def build_master(reactor: Any, settings: Settings,
     # accepts (round-robin, or with its stand-ins a reuseport socket no
     # worker accepts on), those a worker hands on (reuseport: more than its
     # share) and those a stopping worker hands back (every mode).
-    dispatcher = ConnectionDispatcher(
-        reactor, listeners.listening.fileno() if settings.balance == ROUND_ROBIN else None,
-        ledger)
+    dispatcher = ConnectionDispatcher(reactor, ledger)
+    if settings.balance == ROUND_ROBIN:
+        dispatcher.accept_on(listeners.listening.fileno())
     spawner = WorkerSpawner(reactor, settings, listeners, pinning, environ, dispatcher,
                             ledger)
-    stand_ins = StandIns(reactor, dispatcher) if settings.balance == REUSEPORT else None
+    stand_ins = StandIns(dispatcher) if settings.balance == REUSEPORT else None
     master = MasterService(reactor, settings, listeners, spawner, dispatcher,
                            stand_ins=stand_ins)
     if ledger is not None and getattr(listeners, "steering", False):
